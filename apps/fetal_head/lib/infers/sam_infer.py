@@ -1,0 +1,91 @@
+"""MONAI Label infer task: SAM segmentation of the fetal head plus head biometry (thin adapter)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from typing import Any, Dict, Tuple, Union
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from fetal_head.biometry import BiometryError, measure_head
+from fetal_head.images import read_image, write_mask_png
+from fetal_head.model_store import ModelSource
+from fetal_head.prompts import pixel_size_from_request, prompt_from_request, prompt_mode
+
+logger = logging.getLogger(__name__)
+
+
+class FetalHeadSamInfer(InferTask):
+    """Box, clicks, box + clicks or no prompt -> head mask (PNG, image geometry) and biometry JSON."""
+
+    def __init__(self, source: ModelSource, label: str = "fetal_head"):
+        super().__init__(
+            type=InferType.ANNOTATION,
+            labels={label: 1},
+            dimension=2,
+            description="Fetal head segmentation with Segment Anything (box, clicks or automatic) and HC/BPD/OFD",
+            config={"device": source.device},
+        )
+        self.source = source
+        self._predictor = None
+        self._lock = threading.Lock()
+
+    def info(self) -> Dict[str, Any]:
+        d = super().info()
+        d["model_version"] = self.source.version()
+        d["prompts"] = ["roi", "foreground", "background", "box", "none (automatic)"]
+        return d
+
+    def is_valid(self) -> bool:
+        return True
+
+    def predictor(self):
+        """The predictor for the newest weights: a fine-tuned checkpoint is picked up without a restart."""
+        version = self.source.version()
+        with self._lock:
+            if self._predictor is None or self._predictor.version != version:
+                logger.info(f"Loading SAM weights: {version}")
+                self._predictor = self.source.load()
+            return self._predictor
+
+    def __call__(self, request) -> Tuple[Union[str, None], Dict]:
+        t0 = time.time()
+        prompt = prompt_from_request(request)
+        pixel_size = pixel_size_from_request(request.get("pixel_size_mm"))
+        image = request.get("image_array")
+        if image is None:
+            image = read_image(request["image"])
+        predictor = self.predictor()
+        t1 = time.time()
+        pred = predictor.predict(image, prompt)
+        t2 = time.time()
+        result: Dict[str, Any] = {
+            "label_names": {"fetal_head": 1},
+            "prompt_mode": prompt_mode(prompt),
+            "score": round(pred.score, 4),
+            "model_version": predictor.version,
+            "image_size": [int(image.shape[1]), int(image.shape[0])],
+        }
+        try:
+            result["biometry"] = measure_head(pred.mask, pixel_size).to_dict()
+        except BiometryError as e:
+            result["biometry"] = None
+            result["biometry_note"] = str(e)
+        if pixel_size is None and result.get("biometry"):
+            result["biometry_note"] = "pixel size unknown: measurements are in pixels only"
+        label_file = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
+        write_mask_png(pred.mask, label_file)
+        result["latencies"] = {
+            "pre": round(t1 - t0, 3),
+            "infer": round(t2 - t1, 3),
+            "post": round(time.time() - t2, 3),
+            "total": round(time.time() - t0, 3),
+        }
+        return label_file, result
+
+    def clear(self):
+        if self._predictor is not None:
+            self._predictor.clear_cache()

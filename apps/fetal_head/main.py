@@ -1,0 +1,74 @@
+"""MONAI Label app for fetal head ultrasound.
+
+    monailabel start_server --app apps/fetal_head --studies DATASTORE [--conf sam_checkpoint PATH --conf sam_model_type vit_b]
+
+Registers the SAM infer task ``fetal_head_sam`` and the ``random`` and ``first`` active-learning strategies.
+MONAI Label's own SAM2 task is not registered: it downloads weights at start, and this app runs offline.
+"""
+
+import logging
+import os
+from typing import Dict
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from fetal_head import __version__
+from fetal_head.biometry import BiometryError
+from fetal_head.hc18 import LABEL_NAME, PIXEL_SIZE_KEY
+from fetal_head.images import ImageReadError
+from fetal_head.model_store import ModelSource
+from fetal_head.sam import PromptError
+from lib.infers.sam_infer import FetalHeadSamInfer
+
+logger = logging.getLogger(__name__)
+
+INFER_NAME = "fetal_head_sam"
+
+
+class FetalHeadApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.model_dir = os.path.join(app_dir, "model")
+        os.makedirs(self.model_dir, exist_ok=True)
+        self.source = ModelSource(
+            model_dir=self.model_dir,
+            sam_checkpoint=conf.get("sam_checkpoint") or None,
+            sam_model_type=conf.get("sam_model_type", "vit_b"),
+            device=conf.get("device", "cpu"),
+            cache_size=int(conf.get("embedding_cache_size", 16)),
+        )
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Fetal head ultrasound (SAM)",
+            description="Fetal head segmentation and head circumference from 2D ultrasound",
+            version=__version__,
+            labels={LABEL_NAME: 1},
+        )
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        return {INFER_NAME: FetalHeadSamInfer(self.source, label=LABEL_NAME)}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def infer(self, request, datastore=None):
+        """MONAI Label's infer, plus: the image's pixel size from the datastore, and 4xx answers for bad input."""
+        datastore = datastore or self.datastore()
+        image_id = request.get("image")
+        if isinstance(image_id, str) and image_id and not os.path.exists(image_id):
+            if not datastore.get_image_uri(image_id):
+                raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
+            if request.get("pixel_size_mm") is None:
+                pixel_size = datastore.get_image_info(image_id).get(PIXEL_SIZE_KEY)
+                if pixel_size:
+                    request = {**request, "pixel_size_mm": pixel_size}
+        try:
+            return super().infer(request, datastore)
+        except (ImageReadError, PromptError, BiometryError) as e:
+            raise HTTPException(status_code=422, detail=f"{type(e).__name__}: {e}") from e

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Evaluate the served SAM model on HC18 test-split images at full resolution, in the three prompt modes.
+
+    python scripts/eval_sam.py [--hc18 ../shared/data/hc18] [--limit N] [--model-dir apps/fetal_head/model]
+                               [--out docs/eval] [--seed 0]
+
+Box prompts are Slicer-style boxes from the reference mask with each side jittered 0-20 px (fixed seed); the click
+is one foreground click at the mask's centroid; automatic mode has no prompt. Per image: Dice (MONAI), HD95 in mm
+(MONAI), and the HC absolute difference in mm against the HC18 CSV (ellipse fit, per-image pixel size).
+Writes per-image CSV, a markdown table and an overlay figure of the best and worst box-prompt cases.
+"""
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "apps" / "fetal_head" / "lib"))
+
+from fetal_head.biometry import BiometryError, measure_head  # noqa: E402
+from fetal_head.hc18 import read_cases  # noqa: E402
+from fetal_head.images import read_image  # noqa: E402
+from fetal_head.model_store import ModelSource  # noqa: E402
+from fetal_head.sam import Prompt  # noqa: E402
+
+MODES = ("box", "click", "automatic")
+
+
+def jittered_box(mask, rng):
+    rows, cols = np.nonzero(mask)
+    j = rng.integers(0, 21, 4)
+    return (cols.min() - j[0], rows.min() - j[1], cols.max() + j[2], rows.max() + j[3])
+
+
+def metrics(pred, ref, pixel_size, hc_ref):
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    p = torch.as_tensor(pred, dtype=torch.float32)[None, None]
+    r = torch.as_tensor(ref, dtype=torch.float32)[None, None]
+    dice = float(compute_dice(p, r, include_background=True, ignore_empty=False)[0, 0])
+    if pred.any():
+        hd95 = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=pixel_size)[0, 0])
+    else:
+        hd95 = float("nan")
+    try:
+        hc_err = abs(measure_head(pred, pixel_size).hc_mm - hc_ref)
+    except BiometryError:
+        hc_err = float("nan")
+    return dice, hd95, hc_err
+
+
+def overlay_figure(rows, cases_by_id, predictions, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fetal_head.biometry import ellipse_mask
+
+    ranked = sorted([r for r in rows if r["mode"] == "box"], key=lambda r: r["dice"])
+    picks = ranked[-2:][::-1] + ranked[:2]
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.4))
+    for ax, r in zip(np.atleast_1d(axes), picks):
+        case = cases_by_id[r["image"]]
+        img = read_image(case.image_path)
+        ref = case.load_mask()
+        pred = predictions[r["image"]]
+        ax.imshow(img, cmap="gray")
+        ax.contour(ref, levels=[0.5], colors="lime", linewidths=1.2)
+        ax.contour(pred, levels=[0.5], colors="red", linewidths=1.0)
+        try:
+            bio = measure_head(pred, case.pixel_size_mm)
+            ax.contour(ellipse_mask(pred.shape, bio), levels=[0.5], colors="yellow", linewidths=0.8, linestyles="--")
+            hc = f"HC {bio.hc_mm:.1f} mm (ref {case.hc_mm:.1f})"
+        except BiometryError:
+            hc = "no head found"
+        ax.set_title(f"{case.image_id}: Dice {r['dice']:.3f}\n{hc}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title + "   green: reference, red: SAM, yellow: fitted ellipse", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hc18", default=str(REPO.parent / "shared" / "data" / "hc18"))
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--model-dir", default=str(REPO / "apps" / "fetal_head" / "model"))
+    ap.add_argument("--modes", nargs="*", default=list(MODES))
+    ap.add_argument("--out", default=str(REPO / "docs" / "eval"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    cases = [c for c in read_cases(args.hc18) if c.split == args.split][: args.limit]
+    predictor = ModelSource(model_dir=args.model_dir).load()
+    rng = np.random.default_rng(args.seed)
+    rows, predictions = [], {}
+    t0 = time.time()
+    for case in tqdm(cases, desc=f"evaluate {predictor.version}", unit="image"):
+        img = read_image(case.image_path)
+        ref = case.load_mask()
+        rr, cc = np.nonzero(ref)
+        prompts = {
+            "box": Prompt(box=jittered_box(ref, rng)),
+            "click": Prompt(points=np.array([[cc.mean(), rr.mean()]]), labels=np.array([1])),
+            "automatic": Prompt(),
+        }
+        for mode in args.modes:
+            pred = predictor.predict(img, prompts[mode]).mask
+            if mode == "box":
+                predictions[case.image_id] = pred
+            d, hd, hc = metrics(pred, ref, case.pixel_size_mm, case.hc_mm)
+            rows.append({"image": case.image_id, "mode": mode, "dice": d, "hd95_mm": hd, "hc_abs_diff_mm": hc})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "per_image.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        f"Model `{predictor.version}`, {len(cases)} HC18 {args.split}-split images at full resolution "
+        f"({time.time() - t0:.0f} s).",
+        "",
+        "| mode | Dice (mean ± sd) | HD95 mm (median) | HC abs. diff. mm (mean) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for mode in args.modes:
+        sel = [r for r in rows if r["mode"] == mode]
+        d = np.array([r["dice"] for r in sel])
+        hd = np.array([r["hd95_mm"] for r in sel])
+        hc = np.array([r["hc_abs_diff_mm"] for r in sel])
+        lines.append(
+            f"| {mode} | {100 * d.mean():.2f} ± {100 * d.std():.2f} % | {np.nanmedian(hd):.2f} | {np.nanmean(hc):.2f} |"
+        )
+    table = "\n".join(lines)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    if "box" in args.modes:
+        overlay_figure(rows, {c.image_id: c for c in cases}, predictions, out / "best_worst_box.png",
+                       f"{predictor.version}, box prompt")
+        print(f"figure: {out / 'best_worst_box.png'}")
+
+
+if __name__ == "__main__":
+    main()

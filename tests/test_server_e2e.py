@@ -1,0 +1,225 @@
+"""End to end: a real `monailabel start_server` on a datastore of HC18 test-split images, used over HTTP the way
+the 3D Slicer MONAI Label module uses it (image ids, IJK `roi` and clicks, label upload)."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import Server, dice, make_app_copy, test_split
+
+N_IMAGES = 12
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, hc18):
+    from fetal_head.hc18 import import_cases
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    cases = test_split(hc18, "test", N_IMAGES, seed=1)
+    studies = tmp / "studies"
+    import_cases(cases, str(studies), with_labels=False)
+    srv = Server(studies, make_app_copy(tmp), tmp / "server.log")
+    srv.cases = cases
+    yield srv
+    srv.stop()
+
+
+def infer(server, image_id, params, output="image", files=None):
+    return requests.post(
+        f"{server.url}/infer/fetal_head_sam",
+        params={"image": image_id, "output": output},
+        data={"params": json.dumps(params)},
+        files=files,
+        timeout=300,
+    )
+
+
+def multipart(resp):
+    """(mask, params) from MONAI Label's multipart answer (output=all)."""
+    from requests_toolbelt.multipart import decoder
+
+    mask, params = None, None
+    for part in decoder.MultipartDecoder.from_response(resp).parts:
+        disposition = part.headers.get(b"Content-Disposition", b"").decode()
+        if 'name="params"' in disposition:
+            params = json.loads(part.content)
+        else:
+            mask = np.array(Image.open(io.BytesIO(part.content)))
+    return mask, params
+
+
+def slicer_roi(mask, rng):
+    """The roi the Slicer module sends: [i_min, i_max, j_min, j_max, k_min, k_max], each side jittered 0-20 px."""
+    rows, cols = np.nonzero(mask)
+    j = rng.integers(0, 21, size=4)
+    return [int(cols.min() - j[0]), int(cols.max() + j[1]), int(rows.min() - j[2]), int(rows.max() + j[3]), 0, 0]
+
+
+def test_info_names_label_tasks_and_strategies(server):
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    assert "fetal_head" in info["labels"]
+    assert "fetal_head_sam" in info["models"]
+    assert {"random", "first"} <= set(info["strategies"])
+    assert not any("sam2" in name.lower() for name in info["models"])  # MONAI Label's downloading SAM2 is off
+    assert info["datastore"]["total"] == N_IMAGES
+
+
+def test_box_prompt_dice_and_biometry(server):
+    rng = np.random.default_rng(0)
+    dices, hc_errors = [], []
+    for case in server.cases:
+        ref = case.load_mask()
+        resp = infer(server, case.image_id, {"roi": slicer_roi(ref, rng)}, output="all")
+        assert resp.status_code == 200, resp.text
+        mask, params = multipart(resp)
+        assert mask.shape == ref.shape  # the image's own geometry
+        assert set(np.unique(mask)) <= {0, 1}
+        dices.append(dice(mask, ref))
+        bio = params["biometry"]
+        assert bio["hc_mm"] > 0 and bio["bpd_mm"] > 0 and bio["ofd_mm"] >= bio["bpd_mm"]
+        assert bio["pixel_size_mm"][0] == pytest.approx(case.pixel_size_mm)
+        hc_errors.append(abs(bio["hc_mm"] - case.hc_mm))
+    print(f"box-prompt Dice over {len(dices)} images: mean {np.mean(dices):.4f} min {np.min(dices):.4f}; "
+          f"HC MAD {np.mean(hc_errors):.2f} mm")
+    assert np.mean(dices) >= 0.90
+
+
+def test_one_click_at_centroid(server):
+    dices = []
+    for case in server.cases:
+        ref = case.load_mask()
+        rows, cols = np.nonzero(ref)
+        resp = infer(server, case.image_id, {"foreground": [[float(cols.mean()), float(rows.mean()), 0]], "background": []})
+        assert resp.status_code == 200, resp.text
+        dices.append(dice(np.array(Image.open(io.BytesIO(resp.content))), ref))
+    print(f"one-click Dice over {len(dices)} images: mean {np.mean(dices):.4f} min {np.min(dices):.4f}")
+    assert np.mean(dices) >= 0.85
+
+
+def test_automatic_mode_finds_a_head(server):
+    case = server.cases[0]
+    resp = infer(server, case.image_id, {}, output="json")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["prompt_mode"] == "automatic"
+    assert resp.json()["biometry"]["hc_mm"] > 0
+
+
+def test_repeated_prompt_reuses_the_embedding(server):
+    case = server.cases[1]
+    first = infer(server, case.image_id, {"box": [100, 100, 600, 450]}, output="json").json()
+    again = infer(server, case.image_id, {"box": [120, 110, 620, 460]}, output="json").json()
+    # the encoder dominates a first prompt; a cached embedding leaves only the decoder (~40 ms on 2 cores)
+    assert again["latencies"]["infer"] < first["latencies"]["infer"]
+
+
+def test_saved_label_persists_through_datastore_api(server):
+    case = server.cases[2]
+    label = case.load_mask().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(label).save(buf, format="PNG")
+    resp = requests.put(
+        f"{server.url}/datastore/label",
+        params={"image": case.image_id, "tag": "final"},
+        files={"label": (f"{case.image_id}.png", buf.getvalue(), "image/png")},
+        data={"params": json.dumps({"label_info": [{"name": "fetal_head", "idx": 1}]})},
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text
+    got = requests.get(f"{server.url}/datastore/label", params={"label": case.image_id, "tag": "final"}, timeout=60)
+    assert got.status_code == 200
+    assert np.array_equal(np.array(Image.open(io.BytesIO(got.content))) > 0, label > 0)
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    assert info["datastore"]["label_tags"].get("final") == 1
+    # active learning now skips the labelled image
+    nxt = requests.post(f"{server.url}/activelearning/first", json={}, timeout=60).json()
+    assert nxt["id"] != case.image_id
+
+
+# ---- bad input: a 4xx with a message, or a correct answer for valid-but-unusual images; the server stays up ----
+
+def png_bytes(array, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(array, **kw).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def upload(server, name, content, params=None, output="json"):
+    return infer(server, "", params or {}, output=output, files={"file": (name, content, "application/octet-stream")})
+
+
+@pytest.fixture(scope="module")
+def real_png(hc18):
+    case = [c for c in hc18 if c.split == "test"][0]
+    with open(case.image_path, "rb") as f:
+        return f.read(), case
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("truncated.png", lambda b: b[: len(b) // 3]),
+        ("empty.png", lambda b: b""),
+        ("not_an_image.png", lambda b: b"this is not an image at all" * 10),
+        ("tiny.png", lambda b: png_bytes(np.zeros((1, 1), np.uint8))),
+    ],
+)
+def test_unreadable_images_get_4xx(server, real_png, name, make):
+    resp = upload(server, name, make(real_png[0]))
+    assert 400 <= resp.status_code < 500, resp.text
+    assert resp.json()["detail"]
+    assert server.alive()
+
+
+@pytest.mark.parametrize("kind", ["uint16", "rgba", "rgb", "palette"])
+def test_unusual_but_valid_images_are_segmented(server, real_png, kind):
+    raw, case = real_png
+    gray = np.array(Image.open(io.BytesIO(raw)))
+    if kind == "uint16":
+        content = png_bytes(gray.astype(np.uint16) * 257)
+    elif kind == "rgba":
+        content = png_bytes(np.dstack([gray, gray, gray, np.full_like(gray, 255)]))
+    elif kind == "rgb":
+        content = png_bytes(np.dstack([gray] * 3))
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(gray).convert("P").save(buf, format="PNG")
+        content = buf.getvalue()
+    ref = case.load_mask()
+    rows, cols = np.nonzero(ref)
+    params = {"roi": [int(cols.min()) - 10, int(cols.max()) + 10, int(rows.min()) - 10, int(rows.max()) + 10, 0, 0]}
+    resp = upload(server, f"{kind}.png", content, params, output="image")
+    assert resp.status_code == 200, resp.text
+    mask = np.array(Image.open(io.BytesIO(resp.content)))
+    assert mask.shape == ref.shape
+    assert dice(mask, ref) > 0.85
+
+
+@pytest.mark.parametrize(
+    "params, needle",
+    [
+        ({"roi": [2000, 2100, 1500, 1600, 0, 0]}, "outside"),
+        ({"roi": [300, 300, 200, 200, 0, 0]}, "degenerate"),
+        ({"roi": ["left", 500, 150, 400, 0, 0]}, "numbers"),
+        ({"roi": [1, 2, 3]}, "roi"),
+        ({"foreground": [["x", "y", 0]]}, "numbers"),
+        ({"foreground": [[5000, 10, 0]]}, "outside"),
+        ({"box": [10, 10, "nan", 40]}, "box"),
+        ({"pixel_size_mm": -1, "box": [100, 100, 400, 400]}, "pixel_size_mm"),
+    ],
+)
+def test_bad_prompts_get_4xx(server, params, needle):
+    resp = infer(server, server.cases[0].image_id, params, output="json")
+    assert 400 <= resp.status_code < 500, resp.text
+    assert needle in resp.json()["detail"]
+    assert server.alive()
+
+
+def test_unknown_image_id_is_404(server):
+    resp = infer(server, "no_such_image", {"box": [1, 1, 50, 50]}, output="json")
+    assert resp.status_code == 404
+    assert "no_such_image" in resp.json()["detail"]
+    assert server.alive()
