@@ -28,9 +28,9 @@ def server(tmp_path_factory, hc18):
     srv.stop()
 
 
-def infer(server, image_id, params, output="image", files=None):
+def infer(server, image_id, params, output="image", files=None, model="fetal_head_sam"):
     return requests.post(
-        f"{server.url}/infer/fetal_head_sam",
+        f"{server.url}/infer/{model}",
         params={"image": image_id, "output": output},
         data={"params": json.dumps(params)},
         files=files,
@@ -62,7 +62,10 @@ def slicer_roi(mask, rng):
 def test_info_names_label_tasks_and_strategies(server):
     info = requests.get(f"{server.url}/info/", timeout=30).json()
     assert "fetal_head" in info["labels"]
-    assert "fetal_head_sam" in info["models"]
+    # Slicer lists deepgrow-type models in SmartEdit (clicks) and segmentation-type ones in Auto Segmentation
+    assert info["models"]["fetal_head_sam"]["type"] == "deepgrow"
+    assert info["models"]["fetal_head_auto"]["type"] == "segmentation"
+    assert all(m["dimension"] == 2 for m in info["models"].values())
     assert {"random", "first"} <= set(info["strategies"])
     assert not any("sam2" in name.lower() for name in info["models"])  # MONAI Label's downloading SAM2 is off
     assert info["datastore"]["total"] == N_IMAGES
@@ -93,19 +96,25 @@ def test_one_click_at_centroid(server):
     for case in server.cases:
         ref = case.load_mask()
         rows, cols = np.nonzero(ref)
-        resp = infer(server, case.image_id, {"foreground": [[float(cols.mean()), float(rows.mean()), 0]], "background": []})
+        # exactly what Slicer's SmartEdit sends for a 2D model: label, IJK points, then the model's config
+        params = {"label": "fetal_head", "foreground": [[int(cols.mean()), int(rows.mean()), 0]], "background": [],
+                  "device": "cpu"}
+        resp = infer(server, case.image_id, params)
         assert resp.status_code == 200, resp.text
         dices.append(dice(np.array(Image.open(io.BytesIO(resp.content))), ref))
     print(f"one-click Dice over {len(dices)} images: mean {np.mean(dices):.4f} min {np.min(dices):.4f}")
     assert np.mean(dices) >= 0.85
 
 
-def test_automatic_mode_finds_a_head(server):
+def test_automatic_mode_as_slicer_auto_segmentation(server):
     case = server.cases[0]
-    resp = infer(server, case.image_id, {}, output="json")
+    resp = infer(server, case.image_id, {"device": "cpu"}, output="all", model="fetal_head_auto")
     assert resp.status_code == 200, resp.text
-    assert resp.json()["prompt_mode"] == "automatic"
-    assert resp.json()["biometry"]["hc_mm"] > 0
+    mask, params = multipart(resp)
+    assert params["prompt_mode"] == "automatic"
+    assert params["label_names"] == {"fetal_head": 1}  # Slicer names the segment from this
+    assert params["biometry"]["hc_mm"] > 0
+    assert mask.shape == case.load_mask().shape
 
 
 def test_repeated_prompt_reuses_the_embedding(server):

@@ -2,7 +2,9 @@
 
     monailabel start_server --app apps/fetal_head --studies DATASTORE [--conf sam_checkpoint PATH --conf sam_model_type vit_b]
 
-Registers the SAM infer task ``fetal_head_sam`` and the ``random`` and ``first`` active-learning strategies.
+Registers the SAM infer tasks ``fetal_head_sam`` (prompted: box and clicks; Slicer's SmartEdit) and
+``fetal_head_auto`` (no prompt; Slicer's Auto Segmentation), both over one model, and the ``random`` and ``first``
+active-learning strategies.
 MONAI Label's own SAM2 task is not registered: it downloads weights at start, and this app runs offline.
 """
 
@@ -12,8 +14,9 @@ from typing import Dict
 
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
@@ -21,13 +24,16 @@ from fetal_head import __version__
 from fetal_head.biometry import BiometryError
 from fetal_head.hc18 import LABEL_NAME, PIXEL_SIZE_KEY
 from fetal_head.images import ImageReadError
-from fetal_head.model_store import ModelSource
+from fetal_head.model_store import ModelSource, ServedModel
 from fetal_head.sam import PromptError
 from lib.infers.sam_infer import FetalHeadSamInfer
+from lib.trainers.sam_train import FetalHeadSamTrain
+from lib.trainers.synthesis_train import TRAIN_NAME as SYNTHESIS_TRAIN_NAME, SynthesisTrain
 
 logger = logging.getLogger(__name__)
 
 INFER_NAME = "fetal_head_sam"
+AUTO_INFER_NAME = "fetal_head_auto"
 
 
 class FetalHeadApp(MONAILabelApp):
@@ -41,6 +47,7 @@ class FetalHeadApp(MONAILabelApp):
             device=conf.get("device", "cpu"),
             cache_size=int(conf.get("embedding_cache_size", 16)),
         )
+        self.served_model = ServedModel(self.source)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -52,7 +59,19 @@ class FetalHeadApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {INFER_NAME: FetalHeadSamInfer(self.source, label=LABEL_NAME)}
+        return {
+            INFER_NAME: FetalHeadSamInfer(self.served_model, InferType.DEEPGROW, label=LABEL_NAME),
+            AUTO_INFER_NAME: FetalHeadSamInfer(
+                self.served_model, InferType.SEGMENTATION, label=LABEL_NAME,
+                description="Fetal head segmentation without a prompt (automatic), with HC/BPD/OFD",
+            ),
+        }
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        return {
+            INFER_NAME: FetalHeadSamTrain(self.source, cache_dir=self.conf.get("embedding_cache_dir", "")),
+            SYNTHESIS_TRAIN_NAME: SynthesisTrain(self.model_dir, self.source),
+        }
 
     def init_strategies(self) -> Dict[str, Strategy]:
         return {"random": Random(), "first": First()}

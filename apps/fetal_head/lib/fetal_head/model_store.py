@@ -13,14 +13,18 @@ training never leaves a half-written model where the server looks.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .sam import META_SAM_TYPES, SamPredictor, build_litemedsam, build_meta_sam
+
+logger = logging.getLogger(__name__)
 
 FINETUNED_NAME = "fetal_head_sam.pt"
 LITEMEDSAM = "litemedsam"
@@ -74,6 +78,27 @@ class ModelSource:
         predictor = predictor_for(net, model_type, device=self.device, cache_size=self.cache_size, version=version)
         predictor.prompt_free = meta.get("prompt_free")  # how the fine-tuned decoder expects prompt-free input
         return predictor
+
+
+class ServedModel:
+    """The predictor the server answers with, shared by every infer task; reloads when the weights change."""
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self._predictor: Optional[SamPredictor] = None
+        self._lock = threading.Lock()
+
+    def get(self) -> SamPredictor:
+        version = self.source.version()
+        with self._lock:
+            if self._predictor is None or self._predictor.version != version:
+                logger.info(f"Loading SAM weights: {version}")
+                self._predictor = self.source.load()
+            return self._predictor
+
+    def clear(self) -> None:
+        if self._predictor is not None:
+            self._predictor.clear_cache()
 
 
 def build_model(model_type: str, sam_checkpoint: Optional[str] = None) -> torch.nn.Module:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 import time
 from typing import Any, Dict, Tuple, Union
 
@@ -12,44 +11,38 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from fetal_head.biometry import BiometryError, measure_head
 from fetal_head.images import read_image, write_mask_png
-from fetal_head.model_store import ModelSource
+from fetal_head.model_store import ServedModel
 from fetal_head.prompts import pixel_size_from_request, prompt_from_request, prompt_mode
 
 logger = logging.getLogger(__name__)
 
 
 class FetalHeadSamInfer(InferTask):
-    """Box, clicks, box + clicks or no prompt -> head mask (PNG, image geometry) and biometry JSON."""
+    """Box, clicks, box + clicks or no prompt -> head mask (PNG, image geometry) and biometry JSON.
 
-    def __init__(self, source: ModelSource, label: str = "fetal_head"):
+    The 3D Slicer module lists models by type: ``deepgrow`` ones in SmartEdit (clicks), ``segmentation`` ones in
+    Auto Segmentation (no prompt). The app registers this task once per type over one shared model.
+    """
+
+    def __init__(self, model: ServedModel, type=InferType.DEEPGROW, label: str = "fetal_head", description: str = ""):
         super().__init__(
-            type=InferType.ANNOTATION,
+            type=type,
             labels={label: 1},
             dimension=2,
-            description="Fetal head segmentation with Segment Anything (box, clicks or automatic) and HC/BPD/OFD",
-            config={"device": source.device},
+            description=description
+            or "Fetal head segmentation with Segment Anything (box, clicks or automatic) and HC/BPD/OFD",
+            config={"device": model.source.device},
         )
-        self.source = source
-        self._predictor = None
-        self._lock = threading.Lock()
+        self.model = model
 
     def info(self) -> Dict[str, Any]:
         d = super().info()
-        d["model_version"] = self.source.version()
+        d["model_version"] = self.model.source.version()
         d["prompts"] = ["roi", "foreground", "background", "box", "none (automatic)"]
         return d
 
     def is_valid(self) -> bool:
         return True
-
-    def predictor(self):
-        """The predictor for the newest weights: a fine-tuned checkpoint is picked up without a restart."""
-        version = self.source.version()
-        with self._lock:
-            if self._predictor is None or self._predictor.version != version:
-                logger.info(f"Loading SAM weights: {version}")
-                self._predictor = self.source.load()
-            return self._predictor
 
     def __call__(self, request) -> Tuple[Union[str, None], Dict]:
         t0 = time.time()
@@ -58,7 +51,7 @@ class FetalHeadSamInfer(InferTask):
         image = request.get("image_array")
         if image is None:
             image = read_image(request["image"])
-        predictor = self.predictor()
+        predictor = self.model.get()
         t1 = time.time()
         pred = predictor.predict(image, prompt)
         t2 = time.time()
@@ -87,5 +80,4 @@ class FetalHeadSamInfer(InferTask):
         return label_file, result
 
     def clear(self):
-        if self._predictor is not None:
-            self._predictor.clear_cache()
+        self.model.clear()

@@ -1,0 +1,113 @@
+"""MONAI Label train task ``fetal_head_sam``: fine-tunes the served SAM's mask decoder (thin adapter).
+
+MONAI Label runs ``POST /train/fetal_head_sam`` in a child process (``python -m monailabel.interfaces.utils.app
+-m train -r <request json>``, see ``monailabel.utils.async_tasks.utils``), which builds the app and calls this
+task; ``DELETE /train/`` kills that child. Nothing is written where the server looks until the very end, when
+``save_finetuned`` renames the finished checkpoint into place, so a failed or killed run leaves the previous model
+serving. The infer task notices the new file's mtime and reloads it without a restart.
+
+Request options (MONAI Label names where they exist): ``max_epochs``, ``train_batch_size``, ``val_split``,
+``multi_gpu``, ``gpus``; and ``learning_rate``, ``max_real_labels`` (0 = all), ``synthetic_share``,
+``train_encoder`` ("frozen"), ``flip``, ``seed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, fields
+from typing import Any, Dict
+
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.train import TrainTask
+
+from fetal_head.model_store import ModelSource, save_finetuned
+from fetal_head.training import LabelledImage, TrainConfig, checkpoint_meta, finetune
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC_KEY = "synthetic"
+
+
+def _as_bool(v: Any) -> bool:
+    return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes", "on")
+
+
+def config_from_request(request: Dict[str, Any]) -> TrainConfig:
+    """TrainConfig from a train request; unknown keys (model, gpus, local_rank, ...) are ignored."""
+    cfg = TrainConfig()
+    casts = {"max_epochs": int, "train_batch_size": int, "max_real_labels": int, "seed": int, "max_jitter": int,
+             "val_split": float, "learning_rate": float, "weight_decay": float, "synthetic_share": float,
+             "flip": _as_bool, "train_encoder": str}
+    for f in fields(TrainConfig):
+        if f.name in request and request[f.name] is not None and f.name in casts:
+            setattr(cfg, f.name, casts[f.name](request[f.name]))
+    if not 0 <= cfg.val_split < 1:
+        raise ValueError(f"val_split must be in [0, 1), got {cfg.val_split}")
+    if not 0 <= cfg.synthetic_share < 1:
+        raise ValueError(f"synthetic_share must be in [0, 1), got {cfg.synthetic_share}")
+    return cfg
+
+
+class FetalHeadSamTrain(TrainTask):
+    def __init__(self, source: ModelSource, cache_dir: str = ""):
+        super().__init__("Fine-tune the SAM mask decoder on the datastore's final labels (box, click, prompt-free)")
+        self.source = source
+        self.cache_dir = cache_dir or os.path.join(source.model_dir, "embedding_cache")
+
+    def config(self):
+        c = asdict(TrainConfig())
+        c.pop("prompt_shares")
+        c.update({"multi_gpu": False, "gpus": "all"})
+        return c
+
+    def stats(self):
+        path = self.source.finetuned_path.replace(".pt", ".json")
+        if not os.path.isfile(path):
+            return {}
+        import json
+
+        with open(path) as f:
+            meta = json.load(f)
+        return {k: meta.get(k) for k in ("trained_at", "best_epoch", "metrics", "metrics_before")} | {
+            "labels_used": len(meta.get("labels_used", []))
+        }
+
+    def labelled_images(self, datastore: Datastore):
+        items = []
+        for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
+            label = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL)
+            image = datastore.get_image_uri(image_id)
+            if not label or not image:
+                continue
+            synthetic = _as_bool(datastore.get_image_info(image_id).get(SYNTHETIC_KEY, False))
+            items.append(LabelledImage(image_id, image, label, synthetic))
+        return items
+
+    def __call__(self, request, datastore: Datastore):
+        t0 = time.time()
+        cfg = config_from_request(request)
+        if _as_bool(request.get("multi_gpu", False)):
+            logger.info("multi_gpu requested: ignored, this trainer runs on one device (CPU or one GPU)")
+        logger.info(f"train options: {asdict(cfg)}")
+        base_version = self.source.version()
+        predictor = self.source.load()  # continue from the weights being served
+        items = self.labelled_images(datastore)
+        logger.info(f"{len(items)} labelled images in the datastore ({sum(i.synthetic for i in items)} synthetic)")
+        summary = finetune(predictor, items, cfg, self.cache_dir)
+        meta = checkpoint_meta(summary, base_version)
+        meta["seconds"] = round(time.time() - t0, 1)
+        path = save_finetuned(predictor.model, predictor_model_type(self.source, base_version), self.source.model_dir, meta)
+        logger.info(f"saved {path}: best epoch {summary['best_epoch']} {summary['best']}")
+        return {"best_epoch": summary["best_epoch"], "metrics": summary["best"], "before": summary["before"],
+                "labels_used": len(summary["train_images"]), "model": path, "seconds": meta["seconds"]}
+
+
+def predictor_model_type(source: ModelSource, version: str) -> str:
+    """The model type to record: that of the fine-tuned checkpoint when we continued from one, else the base's."""
+    if version.startswith("finetuned:") and os.path.isfile(source.finetuned_path):
+        import torch
+
+        return torch.load(source.finetuned_path, map_location="cpu", weights_only=True).get("model_type", source.base_model_type())
+    return source.base_model_type()

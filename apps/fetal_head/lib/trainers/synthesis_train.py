@@ -1,0 +1,115 @@
+"""MONAI Label train task ``fetal_head_synthesis``: train the diffusion pair generator on the datastore's real
+labelled images, then add QC-passed synthetic pairs to the datastore (or purge them).
+
+    POST /train/fetal_head_synthesis
+    {"scheme": "mask_conditioned", "config": "default", "max_steps": 50000, "num_pairs": 200, "seed": 0,
+     "qc": "full", "purge": false}
+
+- Training uses real pairs only (ids without the ``synthetic_`` prefix and without ``synthetic: true`` info).
+- The checkpoint is ``model/diffusion/<scheme>_<config>.pt``; a later request with a larger ``max_steps`` resumes
+  it (``"resume": false`` starts over). ``max_steps`` at or below the checkpoint's step skips training.
+- ``"qc": "shape-only"`` skips the SAM agreement gate: for tests and CPU smoke runs only (see fetal_head.quality).
+- ``"purge": true`` removes every synthetic pair and does nothing else.
+The domain logic is in fetal_head.synthetic_data; this file only maps the request onto it.
+"""
+
+import logging
+import os
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from fetal_head.diffusion import CONFIGS, DEFAULT_SCHEME, make_config
+from fetal_head.quality import QC_MODES, QCThresholds
+from fetal_head.synthetic_data import default_device, synthesize_into_datastore, train_generator
+from fetal_head.synthetic_store import list_synthetic, purge_synthetic, real_labelled_pairs
+
+logger = logging.getLogger(__name__)
+
+TRAIN_NAME = "fetal_head_synthesis"
+
+
+class SynthesisTrain(TrainTask):
+    def __init__(self, model_dir: str, model_source=None):
+        super().__init__("Diffusion synthesis of fetal head image-mask pairs (trains on real labels, adds synthetic_* pairs)")
+        self.model_dir = model_dir
+        self.model_source = model_source  # fetal_head.model_store.ModelSource: the SAM model for QC
+        self._last = {}
+
+    def config(self):
+        return {
+            "scheme": DEFAULT_SCHEME,
+            "config": "default",
+            "max_steps": CONFIGS["default"].max_steps,
+            "num_pairs": 100,
+            "seed": 0,
+            "qc": "full",
+            "purge": False,
+            "resume": True,
+            "sampler": "ddim",
+            "sampling_steps": 50,
+            "min_sam_dice": QCThresholds.min_sam_dice,
+            "device": "cuda or cpu (auto)",
+        }
+
+    def stats(self):
+        return self._last
+
+    def checkpoint_path(self, scheme: str, config_name: str) -> str:
+        return os.path.join(self.model_dir, "diffusion", f"{scheme}_{config_name}.pt")
+
+    def __call__(self, request, datastore: Datastore):
+        if _flag(request.get("purge", False)):
+            removed = purge_synthetic(datastore)
+            self._last = {"purged": len(removed)}
+            logger.info(f"purged {len(removed)} synthetic pairs")
+            return {"purged": removed}
+
+        scheme = request.get("scheme", DEFAULT_SCHEME)
+        config_name = request.get("config", "default")
+        qc = request.get("qc", "full")
+        if qc not in QC_MODES:
+            raise ValueError(f"qc must be one of {QC_MODES}, got {qc!r}")
+        device = request.get("device")
+        device = default_device() if not device or device.startswith("cuda or") else device
+        config = make_config(
+            config_name,
+            scheme=scheme,
+            max_steps=_int(request.get("max_steps")),
+            seed=_int(request.get("seed")),
+            sampler=request.get("sampler"),
+            sampling_steps=_int(request.get("sampling_steps")),
+        )
+        pairs = real_labelled_pairs(datastore)
+        logger.info(f"training the {scheme} generator ({config_name}) on {len(pairs)} real pairs, to step {config.max_steps}")
+        ckpt = self.checkpoint_path(scheme, config_name)
+        train_summary = train_generator(pairs, config, ckpt, device=device, resume=_flag(request.get("resume", True)))
+
+        num_pairs = _int(request.get("num_pairs")) or 0
+        synth_summary = {}
+        if num_pairs > 0:
+            predictor = None
+            if qc == "full":
+                if self.model_source is None:
+                    raise ValueError("qc='full' needs the app's SAM model source")
+                predictor = self.model_source.load()
+            thresholds = QCThresholds(min_sam_dice=float(request.get("min_sam_dice", QCThresholds.min_sam_dice)))
+            synth_summary = synthesize_into_datastore(
+                datastore, ckpt, num_pairs, seed=config.seed, qc=qc, predictor=predictor, thresholds=thresholds,
+                device=device,
+            )
+            logger.info(f"synthetic pairs added: {len(synth_summary['added'])}; QC: {synth_summary['qc']}")
+        self._last = {
+            "train": train_summary,
+            "synthesis": {k: v for k, v in synth_summary.items() if k != "accepted_indices"},
+            "synthetic_total": len(list_synthetic(datastore)),
+        }
+        return self._last
+
+
+def _int(v):
+    return None if v is None or v == "" else int(v)
+
+
+def _flag(v) -> bool:
+    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
