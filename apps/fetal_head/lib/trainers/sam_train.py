@@ -71,7 +71,10 @@ class FetalHeadSamTrain(TrainTask):
         with open(path) as f:
             meta = json.load(f)
         return {k: meta.get(k) for k in ("trained_at", "best_epoch", "metrics", "metrics_before")} | {
-            "labels_used": len(meta.get("labels_used", []))
+            "labels_used": len(meta.get("labels_used", [])),
+            # the keys the Slicer module reads for its accuracy bar
+            "best_metric": (meta.get("metrics") or {}).get("val_dice", 0),
+            "total_epochs": (meta.get("options") or {}).get("max_epochs", 0),
         }
 
     def labelled_images(self, datastore: Datastore):
