@@ -23,11 +23,11 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from fetal_head.model_store import ModelSource, save_finetuned
+from fetal_head.synthetic_store import is_synthetic
 from fetal_head.training import LabelledImage, TrainConfig, checkpoint_meta, finetune
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_KEY = "synthetic"
 
 
 def _as_bool(v: Any) -> bool:
@@ -84,7 +84,8 @@ class FetalHeadSamTrain(TrainTask):
             image = datastore.get_image_uri(image_id)
             if not label or not image:
                 continue
-            synthetic = _as_bool(datastore.get_image_info(image_id).get(SYNTHETIC_KEY, False))
+            # the id prefix survives even where a datastore rewrite dropped the image info
+            synthetic = is_synthetic(image_id, datastore.get_image_info(image_id))
             items.append(LabelledImage(image_id, image, label, synthetic))
         return items
 

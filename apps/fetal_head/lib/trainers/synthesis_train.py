@@ -49,6 +49,7 @@ class SynthesisTrain(TrainTask):
             "sampler": "ddim",
             "sampling_steps": 50,
             "min_sam_dice": QCThresholds.min_sam_dice,
+            "min_sam_click_dice": QCThresholds.min_sam_click_dice,
             "device": "cuda or cpu (auto)",
         }
 
@@ -93,7 +94,10 @@ class SynthesisTrain(TrainTask):
                 if self.model_source is None:
                     raise ValueError("qc='full' needs the app's SAM model source")
                 predictor = self.model_source.load()
-            thresholds = QCThresholds(min_sam_dice=float(request.get("min_sam_dice", QCThresholds.min_sam_dice)))
+            thresholds = QCThresholds(
+                min_sam_dice=float(request.get("min_sam_dice", QCThresholds.min_sam_dice)),
+                min_sam_click_dice=float(request.get("min_sam_click_dice", QCThresholds.min_sam_click_dice)),
+            )
             synth_summary = synthesize_into_datastore(
                 datastore, ckpt, num_pairs, seed=config.seed, qc=qc, predictor=predictor, thresholds=thresholds,
                 device=device,
