@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Evaluate the served SAM model on HC18 test-split images at full resolution, in the three prompt modes.
 
-    python scripts/eval_sam.py [--hc18 ../shared/data/hc18] [--limit N] [--model-dir apps/fetal_head/model]
-                               [--out docs/eval] [--seed 0]
+    python scripts/eval_sam.py [--hc18 ../shared/data/hc18] [--limit N] [--model-dir DIR [DIR ...]]
+                               [--names NAME ...] [--out docs/eval] [--seed 0]
+
+Several model folders are evaluated on the same prompts in one run; models with the same image encoder (a
+decoder-only fine-tune and its base) share the image embeddings, so the encoder runs once per image.
 
 Box prompts are Slicer-style boxes from the reference mask with each side jittered 0-20 px (fixed seed); the click
 is one foreground click at the mask's centroid; automatic mode has no prompt. Per image: Dice (MONAI), HD95 in mm
@@ -12,6 +15,7 @@ Writes per-image CSV, a markdown table and an overlay figure of the best and wor
 
 import argparse
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,18 +97,60 @@ def main():
     ap.add_argument("--hc18", default=str(REPO.parent / "shared" / "data" / "hc18"))
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int)
-    ap.add_argument("--model-dir", default=str(REPO / "apps" / "fetal_head" / "model"))
+    ap.add_argument("--model-dir", nargs="+", default=[str(REPO / "apps" / "fetal_head" / "model")],
+                    help="model folders (no fetal_head_sam.pt inside: the zero-shot model)")
+    ap.add_argument("--names", nargs="*", help="a display name per model folder")
     ap.add_argument("--modes", nargs="*", default=list(MODES))
     ap.add_argument("--out", default=str(REPO / "docs" / "eval"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     cases = [c for c in read_cases(args.hc18) if c.split == args.split][: args.limit]
-    predictor = ModelSource(model_dir=args.model_dir).load()
-    rng = np.random.default_rng(args.seed)
+    names = args.names or [os.path.basename(os.path.normpath(d)) for d in args.model_dir]
+    predictors = [ModelSource(model_dir=d, cache_size=len(cases) + 1).load() for d in args.model_dir]
+    for p in predictors[1:]:
+        p.share_cache(predictors[0])
+    out = Path(args.out)
+    summary = []
+    for name, predictor in zip(names, predictors):
+        rows, predictions, seconds = evaluate_model(predictor, cases, args.modes, args.seed, name)
+        sub = out / name if len(predictors) > 1 else out
+        sub.mkdir(parents=True, exist_ok=True)
+        with open(sub / "per_image.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        for mode in args.modes:
+            sel = [r for r in rows if r["mode"] == mode]
+            d = np.array([r["dice"] for r in sel])
+            hd = np.array([r["hd95_mm"] for r in sel])
+            hc = np.array([r["hc_abs_diff_mm"] for r in sel])
+            summary.append(
+                f"| {name} | {mode} | {100 * d.mean():.2f} ± {100 * d.std():.2f} % | {np.nanmedian(hd):.2f} | "
+                f"{np.nanmean(hc):.2f} |"
+            )
+        if "box" in args.modes:
+            overlay_figure(rows, {c.image_id: c for c in cases}, predictions, sub / "best_worst_box.png",
+                           f"{name}, box prompt")
+    table = "\n".join(
+        [
+            f"{len(cases)} HC18 {args.split}-split images at full resolution, seed {args.seed}.",
+            "",
+            "| model | mode | Dice (mean ± sd) | HD95 mm (median) | HC abs. diff. mm (mean) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        + summary
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+
+
+def evaluate_model(predictor, cases, modes, seed, name):
+    rng = np.random.default_rng(seed)  # the same jittered boxes for every model
     rows, predictions = [], {}
     t0 = time.time()
-    for case in tqdm(cases, desc=f"evaluate {predictor.version}", unit="image"):
+    for case in tqdm(cases, desc=f"evaluate {name}", unit="image"):
         img = read_image(case.image_path)
         ref = case.load_mask()
         rr, cc = np.nonzero(ref)
@@ -113,40 +159,13 @@ def main():
             "click": Prompt(points=np.array([[cc.mean(), rr.mean()]]), labels=np.array([1])),
             "automatic": Prompt(),
         }
-        for mode in args.modes:
+        for mode in modes:
             pred = predictor.predict(img, prompts[mode]).mask
             if mode == "box":
                 predictions[case.image_id] = pred
             d, hd, hc = metrics(pred, ref, case.pixel_size_mm, case.hc_mm)
             rows.append({"image": case.image_id, "mode": mode, "dice": d, "hd95_mm": hd, "hc_abs_diff_mm": hc})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "per_image.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    lines = [
-        f"Model `{predictor.version}`, {len(cases)} HC18 {args.split}-split images at full resolution "
-        f"({time.time() - t0:.0f} s).",
-        "",
-        "| mode | Dice (mean ± sd) | HD95 mm (median) | HC abs. diff. mm (mean) |",
-        "| --- | --- | --- | --- |",
-    ]
-    for mode in args.modes:
-        sel = [r for r in rows if r["mode"] == mode]
-        d = np.array([r["dice"] for r in sel])
-        hd = np.array([r["hd95_mm"] for r in sel])
-        hc = np.array([r["hc_abs_diff_mm"] for r in sel])
-        lines.append(
-            f"| {mode} | {100 * d.mean():.2f} ± {100 * d.std():.2f} % | {np.nanmedian(hd):.2f} | {np.nanmean(hc):.2f} |"
-        )
-    table = "\n".join(lines)
-    (out / "summary.md").write_text(table + "\n")
-    print(table)
-    if "box" in args.modes:
-        overlay_figure(rows, {c.image_id: c for c in cases}, predictions, out / "best_worst_box.png",
-                       f"{predictor.version}, box prompt")
-        print(f"figure: {out / 'best_worst_box.png'}")
+    return rows, predictions, time.time() - t0
 
 
 if __name__ == "__main__":

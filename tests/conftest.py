@@ -1,6 +1,5 @@
 """Shared fixtures: the real HC18 data beside the checkout, and a real `monailabel start_server` subprocess."""
 
-import csv
 import os
 import shutil
 import signal

@@ -50,13 +50,20 @@ def test_cache_is_bounded(predictor, hc18):
     assert len(predictor._cache) == predictor.cache_size == 3
 
 
-def test_model_version_is_part_of_the_key(predictor, hc18):
+def test_encoder_weights_are_part_of_the_key(predictor, hc18):
+    import torch
+
     img = read_image(hc18[3].image_path)
     predictor.clear_cache()
     e1 = predictor.embed(img)
-    old = predictor.version
-    try:
-        predictor.version = "other-weights"
-        assert predictor.embed(img) is not e1
-    finally:
-        predictor.version = old
+    other = SamPredictor.litemedsam(cache_size=3)
+    with torch.no_grad():
+        other.model.image_encoder.neck[0].weight.mul_(1.01)  # different encoder weights
+    from fetal_head.sam import weights_key
+
+    other.encoder_key = weights_key(other.model.image_encoder, "256:minmax")
+    other.share_cache(predictor)
+    assert other.embed(img) is not e1  # no stale embedding from another encoder
+    same = SamPredictor.litemedsam(cache_size=3)
+    same.share_cache(predictor)
+    assert same.embed(img) is e1  # same encoder (e.g. a decoder-only fine-tune): the embedding is reused

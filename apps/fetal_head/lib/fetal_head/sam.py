@@ -126,10 +126,22 @@ def build_meta_sam(checkpoint: str, model_type: str = "vit_b") -> nn.Module:
     return net
 
 
+def weights_key(module: nn.Module, salt: str = "") -> str:
+    """A hash of a module's parameters and buffers (and ``salt``): equal keys mean equal weights."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(salt.encode())
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class SamPredictor:
     """Prompted segmentation of 2D grayscale frames with a SAM-family model.
 
-    Thread-safe; keeps an LRU cache of image embeddings keyed by the model version and a hash of the pixels,
+    Thread-safe; keeps an LRU cache of image embeddings keyed by a hash of the image encoder's weights and a hash of
+    the pixels (a decoder-only fine-tune keeps the embeddings valid; new encoder weights or a changed image never
+    hit a stale entry),
     so a changed image can never hit a stale entry and a reloaded model invalidates everything.
     """
 
@@ -157,6 +169,7 @@ class SamPredictor:
         self.image_size = image_size
         self.normalization = normalization
         self.version = version
+        self.encoder_key = weights_key(self.model.image_encoder, f"{image_size}:{normalization}")
         self.cache_size = cache_size
         self._cache: "OrderedDict[tuple, ImageEmbedding]" = OrderedDict()
         self._lock = threading.RLock()
@@ -214,7 +227,7 @@ class SamPredictor:
 
     def embed(self, image: np.ndarray) -> ImageEmbedding:
         """The embedding of one frame, from the cache when this exact image was seen with this model."""
-        key = (self.version, self.image_key(image))
+        key = (self.encoder_key, self.image_key(image))
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -228,6 +241,11 @@ class SamPredictor:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return emb
+
+    def share_cache(self, other: "SamPredictor") -> None:
+        """Use ``other``'s embedding cache (entries are keyed by encoder weights, so sharing is always safe)."""
+        self._cache = other._cache
+        self._lock = other._lock
 
     def clear_cache(self) -> None:
         with self._lock:

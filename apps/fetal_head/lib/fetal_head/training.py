@@ -33,7 +33,6 @@ Design decisions:
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import random
@@ -151,22 +150,12 @@ def sample_prompt(mask: np.ndarray, rng: np.random.Generator, shares: Dict[str, 
 
 
 # ---- embedding cache -------------------------------------------------------------------------------------------
-def encoder_fingerprint(predictor: SamPredictor) -> str:
-    """A hash of the image encoder's weights and the input size: the cache key's model part."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(f"{predictor.image_size}:{predictor.normalization}".encode())
-    for k, v in predictor.model.image_encoder.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 class EmbeddingCache:
     """Image embeddings on disk: ``<dir>/<encoder>/<image hash>[_flip].pt``."""
 
     def __init__(self, cache_dir: str, predictor: SamPredictor):
         self.predictor = predictor
-        self.dir = os.path.join(cache_dir, encoder_fingerprint(predictor))
+        self.dir = os.path.join(cache_dir, predictor.encoder_key)  # encoder weights + preprocessing
         os.makedirs(self.dir, exist_ok=True)
         self.hits = 0
         self.misses = 0
