@@ -8,7 +8,7 @@ PORT ?= 8000
 STUDIES ?= .data/sample_datastore
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup serve test bench
+.PHONY: setup serve test bench orthanc-demo
 
 setup:
 	@bash scripts/setup.sh
@@ -24,3 +24,7 @@ test: setup
 
 bench: setup
 	$(PY) scripts/bench_latency.py
+
+# a loopback Orthanc (DICOMweb) on :8042 with the sample images as US DICOM; prints the server command
+orthanc-demo: setup
+	bash scripts/orthanc_demo.sh

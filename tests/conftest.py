@@ -56,10 +56,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, studies: Path, model_dir_app: Path, log: Path, conf=()):
+    def __init__(self, studies: Path, model_dir_app: Path, log: Path, conf=(), env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}  # e.g. MONAI_LABEL_DICOMWEB_CACHE_PATH for a DICOMweb datastore
         venv_bin = Path(sys.executable).parent
         env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"  # the monailabel script runs `python`
         env["MONAI_LABEL_DATASTORE_AUTO_RELOAD"] = "false"

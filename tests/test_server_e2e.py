@@ -9,7 +9,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import Server, dice, make_app_copy, test_split
+from conftest import REPO, Server, dice, make_app_copy, test_split
 
 N_IMAGES = 12
 
@@ -231,4 +231,13 @@ def test_unknown_image_id_is_404(server):
     resp = infer(server, "no_such_image", {"box": [1, 1, 50, 50]}, output="json")
     assert resp.status_code == 404
     assert "no_such_image" in resp.json()["detail"]
+    assert server.alive()
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../../../../etc/hostname", str(REPO / "README.md")])
+def test_server_paths_are_not_image_ids(server, path):
+    """`image` names a datastore image (or an upload); a path on the server's disk is never read."""
+    resp = infer(server, path, {"box": [1, 1, 50, 50]}, output="json")
+    assert resp.status_code == 404, resp.text
+    assert "not in the datastore" in resp.json()["detail"]
     assert server.alive()

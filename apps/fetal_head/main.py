@@ -10,6 +10,7 @@ MONAI Label's own SAM2 task is not registered: it downloads weights at start, an
 
 import logging
 import os
+import tempfile
 from typing import Dict
 
 from fastapi import HTTPException
@@ -22,6 +23,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from fetal_head import __version__
 from fetal_head.biometry import BiometryError
+from fetal_head.dicomweb import datastore_from_settings
 from fetal_head.hc18 import LABEL_NAME, PIXEL_SIZE_KEY
 from fetal_head.images import ImageReadError
 from fetal_head.model_store import ModelSource, ServedModel
@@ -55,8 +57,15 @@ class FetalHeadApp(MONAILabelApp):
             name="Fetal head ultrasound (SAM)",
             description="Fetal head segmentation and head circumference from 2D ultrasound",
             version=__version__,
-            labels={LABEL_NAME: 1},
+            labels=[LABEL_NAME],  # a list, as MONAI Label builds it: OHIF's panel appends to /info/'s labels
         )
+
+    def _init_dicomweb_datastore(self):
+        """`--studies http://.../dicom-web`: ultrasound series from a PACS, final labels back as DICOM SEG."""
+        return datastore_from_settings(self.studies)
+
+    def _download_dcmqi_tools(self):
+        """No-op: MONAI Label downloads dcmqi from GitHub here; this app writes DICOM SEG with highdicom, offline."""
 
     def init_infers(self) -> Dict[str, InferTask]:
         return {
@@ -80,7 +89,8 @@ class FetalHeadApp(MONAILabelApp):
         """MONAI Label's infer, plus: the image's pixel size from the datastore, and 4xx answers for bad input."""
         datastore = datastore or self.datastore()
         image_id = request.get("image")
-        if isinstance(image_id, str) and image_id and not os.path.exists(image_id):
+        if isinstance(image_id, str) and image_id and not _is_uploaded_file(image_id):
+            # an id, never a server path: MONAI Label would read any existing file named in `image`
             if not datastore.get_image_uri(image_id):
                 raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
             if request.get("pixel_size_mm") is None:
@@ -91,3 +101,16 @@ class FetalHeadApp(MONAILabelApp):
             return super().infer(request, datastore)
         except (ImageReadError, PromptError, BiometryError) as e:
             raise HTTPException(status_code=422, detail=f"{type(e).__name__}: {e}") from e
+
+
+def _is_uploaded_file(path: str) -> bool:
+    """A file MONAI Label's infer endpoint saved from the request (temp dir) or a session image."""
+    from monailabel.config import settings
+
+    if not os.path.isfile(path):
+        return False
+    real = os.path.realpath(path)
+    if os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()):  # NamedTemporaryFile of an upload
+        return True
+    sessions = settings.MONAI_LABEL_SESSION_PATH
+    return bool(sessions) and real.startswith(os.path.realpath(sessions) + os.sep)

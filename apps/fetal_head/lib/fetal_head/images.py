@@ -8,7 +8,7 @@ mask goes back in the image's own pixel grid.
 from __future__ import annotations
 
 import os
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -53,8 +53,13 @@ def to_gray_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Read a PNG/JPEG/TIFF/BMP frame as (H, W) uint8; DICOM files go through :mod:`fetal_head.dicom`."""
+    """Read a PNG/JPEG/TIFF/BMP frame as (H, W) uint8; DICOM files and series directories go through
+    :func:`fetal_head.dicom_us.read_ultrasound`."""
     path = os.fspath(path)
+    if _is_dicom(path):
+        from .dicom_us import read_ultrasound
+
+        return read_ultrasound(path).pixels
     if not os.path.isfile(path):
         raise ImageReadError(f"image file not found: {path}")
     if os.path.getsize(path) == 0:
@@ -79,6 +84,32 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     if min(gray.shape) < MIN_SIDE:
         raise ImageReadError(f"image of {gray.shape[1]}x{gray.shape[0]} pixels is too small to segment")
     return gray
+
+
+def _is_dicom(path: str) -> bool:
+    from .dicom_us import is_dicom_file
+
+    return os.path.isdir(path) or (os.path.isfile(path) and is_dicom_file(path))
+
+
+def read_frame(
+    path: Union[str, os.PathLike], frame: Optional[int] = None
+) -> Tuple[np.ndarray, Optional[tuple], Optional[dict]]:
+    """(pixels, (x, y) pixel size in mm or None, calibration) of an image file or DICOM series.
+
+    Only DICOM carries its own calibration: ``{"source", "note", "pixel_spacing_mm", "frame_index", "n_frames"}``
+    (:meth:`fetal_head.dicom_us.UltrasoundFrame.calibration_dict`); for other files it is None (the pixel size
+    comes from the datastore or the request). ``frame`` (0-based) picks a frame of a multi-frame DICOM.
+    """
+    path = os.fspath(path)
+    if _is_dicom(path):
+        from .dicom_us import read_ultrasound
+
+        us = read_ultrasound(path, frame=frame)
+        return us.pixels, us.pixel_spacing_mm, us.calibration_dict()
+    if frame not in (None, 0):
+        raise ImageReadError(f"frame {frame} requested, but this image has a single frame (index 0)")
+    return read_image(path), None, None
 
 
 def read_mask(path: Union[str, os.PathLike]) -> np.ndarray:

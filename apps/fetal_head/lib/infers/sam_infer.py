@@ -10,11 +10,23 @@ from typing import Any, Dict, Tuple, Union
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from fetal_head.biometry import BiometryError, measure_head
-from fetal_head.images import read_image, write_mask_png
+from fetal_head.images import read_frame, write_mask_png
 from fetal_head.model_store import ServedModel
-from fetal_head.prompts import pixel_size_from_request, prompt_from_request, prompt_mode
+from fetal_head.prompts import PromptError, pixel_size_from_request, prompt_from_request, prompt_mode
 
 logger = logging.getLogger(__name__)
+
+
+def _frame_index(value) -> Union[int, None]:
+    """The request option ``frame``: a 0-based frame index of a multi-frame DICOM (None: the file's default)."""
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, bool) or float(value) != int(float(value)):
+            raise ValueError
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise PromptError(f"'frame' must be a whole number (0-based frame index), got {value!r}") from None
 
 
 class FetalHeadSamInfer(InferTask):
@@ -49,8 +61,11 @@ class FetalHeadSamInfer(InferTask):
         prompt = prompt_from_request(request)
         pixel_size = pixel_size_from_request(request.get("pixel_size_mm"))
         image = request.get("image_array")
+        dicom = None  # a DICOM input's calibration and frame
         if image is None:
-            image = read_image(request["image"])
+            image, dicom_spacing, dicom = read_frame(request["image"], frame=_frame_index(request.get("frame")))
+            if pixel_size is None:  # the request's (or datastore's) pixel size wins over the file's
+                pixel_size = dicom_spacing
         predictor = self.model.get()
         t1 = time.time()
         pred = predictor.predict(image, prompt)
@@ -67,6 +82,11 @@ class FetalHeadSamInfer(InferTask):
         except BiometryError as e:
             result["biometry"] = None
             result["biometry_note"] = str(e)
+        if dicom is not None:
+            result["calibration"] = {"source": dicom["source"], "note": dicom["note"]}
+            if request.get("pixel_size_mm") is not None:
+                result["calibration"]["note"] += "; not used: pixel_size_mm from the request or datastore wins"
+            result["frame"] = {"index": dicom["frame_index"], "count": dicom["n_frames"]}
         if pixel_size is None and result.get("biometry"):
             result["biometry_note"] = "pixel size unknown: measurements are in pixels only"
         label_file = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
