@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fetal_head.images import ImageReadError, read_image, to_gray_uint8
+from fetal_head.images import ImageReadError, read_image, to_gray_uint8, read_mask, write_mask
 from fetal_head.prompts import pixel_size_from_request, prompt_from_request, prompt_mode
 from fetal_head.sam import Prompt, PromptError
 
@@ -122,3 +122,18 @@ def test_pixel_size_forms():
     assert pixel_size_from_request([0.1, 0.2]) == (0.1, 0.2)
     with pytest.raises(PromptError):
         pixel_size_from_request([0, 1])
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])
+def test_itk_label_files_round_trip_with_spacing(tmp_path, hc18, suffix):
+    """Slicer submits labelmaps as (1, H, W) NRRD; OHIF asks infer for NRRD: both read back as the (H, W) mask."""
+    import itk
+
+    case = hc18[0]
+    ref = case.load_mask()
+    out = write_mask(ref, tmp_path / f"label{suffix}", spacing_mm=case.pixel_size_mm)
+    assert read_mask(out).shape == ref.shape and (read_mask(out) == ref).all()
+    assert np.allclose(itk.imread(str(out)).GetSpacing(), case.pixel_size_mm)
+    slicer_like = itk.image_from_array(ref[None].astype(np.uint8))  # Slicer's labelmap: one slice, k = 0
+    itk.imwrite(slicer_like, str(tmp_path / "slicer.nrrd"))
+    assert (read_mask(tmp_path / "slicer.nrrd") == ref).all()

@@ -97,7 +97,7 @@ def is_dicom_file(path: PathLike) -> bool:
         return False
 
 
-def _series_instance(directory: str) -> str:
+def series_instance_file(directory: str) -> str:
     """The first DICOM image instance of the series in ``directory`` (by InstanceNumber, then SOPInstanceUID)."""
     found = []
     for root, _, files in os.walk(directory):
@@ -173,7 +173,7 @@ def read_ultrasound(
     """Read one frame of a US DICOM file, or of the series in a directory (see the module rules)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = _series_instance(path)
+        path = series_instance_file(path)
     elif not os.path.isfile(path):
         raise DicomReadError(f"DICOM file not found: {path}")
     try:

@@ -61,28 +61,18 @@ def read_label(path: str, shape) -> np.ndarray:
     Singleton axes ((1, H, W), (H, W, 1)) are dropped; any non-zero value is the head. A label whose shape is not
     the image's (rows, columns) is refused rather than resampled: it was drawn on another image.
     """
-    name = os.path.basename(path).lower()
+    from fetal_head.images import read_mask
+
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise LabelError("the label file is empty")
     try:
-        if name.endswith((".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")):
-            import itk
-
-            array = np.asarray(itk.array_from_image(itk.imread(path)))
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                array = np.array(im)
+        mask = read_mask(path)
     except Exception as e:  # itk and PIL raise many types for a corrupt file
         raise LabelError(f"cannot read the label file ({type(e).__name__}: {e})") from e
-    array = np.squeeze(array)
-    if array.ndim == 3 and array.shape[-1] in (3, 4) and tuple(array.shape[:2]) == tuple(shape):
-        array = array[..., :3].max(axis=-1)  # an RGB(A) label image: any coloured pixel is the head
-    if array.shape != tuple(shape):
-        raise LabelError(f"the label is {'x'.join(map(str, array.shape))} but the image is "
+    if mask.shape != tuple(shape):
+        raise LabelError(f"the label is {'x'.join(map(str, mask.shape))} but the image is "
                          f"{shape[0]}x{shape[1]} (rows x columns): a label must have the image's geometry")
-    return (array > 0).astype(np.uint8)
+    return mask.astype(np.uint8)
 
 
 def search_filter_from_settings() -> Dict[str, Any]:
@@ -167,10 +157,15 @@ class UltrasoundDICOMwebDatastore(DICOMWebDatastore):
 
     @_http_errors
     def get_image_uri(self, image_id: str) -> str:
-        """The cached series folder (downloaded on first use); "" for an unknown series, 422 for a non-US one."""
+        """The series' image file in the cache (downloaded on first use); "" for an unknown series, 422 for a
+        non-US one. A file, not the folder: Slicer loads `/datastore/image` answers (and the `path` of a sample)
+        as a volume, and `GET /datastore/image` serves files only. A series' image is its first instance
+        (`dicom_us.series_instance_file`), the one infer reads."""
+        from fetal_head.dicom_us import series_instance_file
+
         image_dir = self._image_dir(image_id) if is_uid(image_id) else ""
         if image_dir and os.path.isdir(image_dir) and os.listdir(image_dir):
-            return image_dir
+            return series_instance_file(image_dir)
         series = self._series(image_id)
         if series is None:
             return ""
@@ -179,7 +174,7 @@ class UltrasoundDICOMwebDatastore(DICOMWebDatastore):
             raise SeriesError(f"series {image_id} has modality {modality}; this datastore serves "
                               f"{'/'.join(sorted(self._modalities))} series only")
         self._download_series(str(series.StudyInstanceUID), image_id, image_dir)
-        return image_dir
+        return series_instance_file(image_dir)
 
     def _download_series(self, study_uid: str, series_uid: str, image_dir: str):
         """Fetch the stored instances unchanged into a temporary folder, then move it into place (atomic)."""
@@ -207,7 +202,7 @@ class UltrasoundDICOMwebDatastore(DICOMWebDatastore):
             return {}
         info = self._info(series)
         if os.path.isdir(self._image_dir(image_id)):
-            info["path"] = self._image_dir(image_id)
+            info["path"] = self.get_image_uri(image_id)
         return info
 
     def _clear_query_caches(self):
@@ -246,13 +241,13 @@ class UltrasoundDICOMwebDatastore(DICOMWebDatastore):
         label_tag = label_tag or DefaultLabelTag.FINAL.value
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", label_tag):
             raise LabelError(f"label tag {label_tag!r} must be letters, digits, '_' or '-'")
-        image_dir = self.get_image_uri(image_id)
-        if not image_dir:
+        image_file = self.get_image_uri(image_id)
+        if not image_file:
             raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
         frame_index = label_info.get("frame")
         if frame_index is not None and (isinstance(frame_index, bool) or not isinstance(frame_index, int)):
             raise LabelError(f"'frame' must be a whole number (0-based frame index), got {frame_index!r}")
-        frame = read_ultrasound(image_dir, frame=frame_index)
+        frame = read_ultrasound(image_file, frame=frame_index)
         mask = read_label(label_filename, frame.pixels.shape)
         saved = {"label_tag": label_tag, "frame_index": frame.frame_index,
                  "ReferencedSOPInstanceUID": frame.sop_instance_uid}
@@ -305,7 +300,7 @@ class UltrasoundDICOMwebDatastore(DICOMWebDatastore):
         return png
 
     def datalist(self, full_path=True) -> List[Dict[str, Any]]:
-        """Training pairs: each labelled series' cached folder and its final label as a PNG."""
+        """Training pairs: each labelled series' cached image file and its final label as a PNG."""
         pairs = []
         for image_id in self.get_labeled_images():
             image, label = self.get_image_uri(image_id), self.get_label_uri(image_id, DefaultLabelTag.FINAL.value)

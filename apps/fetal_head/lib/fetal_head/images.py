@@ -112,12 +112,25 @@ def read_frame(
     return read_image(path), None, None
 
 
+ITK_LABEL_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")  # Slicer submits labelmaps as .nrrd
+
+
 def read_mask(path: Union[str, os.PathLike]) -> np.ndarray:
-    """A label/mask image as a (H, W) bool array (nonzero = head)."""
-    with Image.open(os.fspath(path)) as im:
-        a = np.array(im)
-    if a.ndim == 3:
-        a = a[..., 0]
+    """A label file as a (H, W) bool array (nonzero = head): PNG/JPEG (our infer, OHIF) or NRRD/NIfTI (Slicer).
+
+    Singleton axes ((1, H, W) from Slicer, (H, W, 1)) are dropped; in an RGB(A) label any coloured pixel is head.
+    """
+    path = os.fspath(path)
+    if path.lower().endswith(ITK_LABEL_SUFFIXES):
+        import itk
+
+        a = np.asarray(itk.array_from_image(itk.imread(path)))
+    else:
+        with Image.open(path) as im:
+            a = np.array(im)
+    a = np.squeeze(a)
+    if a.ndim == 3 and a.shape[-1] in (2, 3, 4):
+        a = a[..., : 3 if a.shape[-1] > 2 else 1].max(axis=-1)
     return a > 0
 
 
@@ -125,3 +138,22 @@ def write_mask_png(mask: np.ndarray, path: Union[str, os.PathLike], value: int =
     """Write a binary mask as an 8-bit PNG with ``value`` for the head (MONAI Label labels use the label index)."""
     Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * value).save(os.fspath(path))
     return os.fspath(path)
+
+
+def write_mask(mask: np.ndarray, path: Union[str, os.PathLike], value: int = 1, spacing_mm=None) -> str:
+    """Write a binary mask as PNG, or as NRRD/NIfTI (what OHIF's MONAI Label panel parses) by the path's suffix.
+
+    ITK formats carry the pixel spacing (mm, isotropic or (x, y)) when it is known, so a viewer overlays the mask
+    in the image's geometry.
+    """
+    path = os.fspath(path)
+    if not path.lower().endswith(ITK_LABEL_SUFFIXES):
+        return write_mask_png(mask, path, value)
+    import itk
+
+    image = itk.image_from_array(np.ascontiguousarray((np.asarray(mask) > 0).astype(np.uint8) * value))
+    if spacing_mm is not None:
+        sx, sy = (spacing_mm, spacing_mm) if np.isscalar(spacing_mm) else spacing_mm
+        image.SetSpacing([float(sx), float(sy)])
+    itk.imwrite(image, path)
+    return path

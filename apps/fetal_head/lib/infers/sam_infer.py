@@ -10,7 +10,7 @@ from typing import Any, Dict, Tuple, Union
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from fetal_head.biometry import BiometryError, measure_head
-from fetal_head.images import read_frame, write_mask_png
+from fetal_head.images import read_frame, write_mask
 from fetal_head.model_store import ServedModel
 from fetal_head.prompts import PromptError, pixel_size_from_request, prompt_from_request, prompt_mode
 
@@ -89,8 +89,8 @@ class FetalHeadSamInfer(InferTask):
             result["frame"] = {"index": dicom["frame_index"], "count": dicom["n_frames"]}
         if pixel_size is None and result.get("biometry"):
             result["biometry_note"] = "pixel size unknown: measurements are in pixels only"
-        label_file = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
-        write_mask_png(pred.mask, label_file)
+        label_file = tempfile.NamedTemporaryFile(suffix=_result_suffix(request), delete=False).name
+        write_mask(pred.mask, label_file, spacing_mm=pixel_size)
         result["latencies"] = {
             "pre": round(t1 - t0, 3),
             "infer": round(t2 - t1, 3),
@@ -101,3 +101,14 @@ class FetalHeadSamInfer(InferTask):
 
     def clear(self):
         self.model.clear()
+
+
+RESULT_SUFFIXES = (".png", ".nrrd", ".nii.gz", ".nii")
+
+
+def _result_suffix(request) -> str:
+    """The label file's format: PNG by default; OHIF's MONAI Label panel asks for ``result_extension: .nrrd``."""
+    suffix = request.get("result_extension") or ".png"
+    if suffix not in RESULT_SUFFIXES:
+        raise PromptError(f"result_extension {suffix!r} is not supported; use one of {', '.join(RESULT_SUFFIXES)}")
+    return suffix
