@@ -26,7 +26,7 @@ from fetal_head.images import read_image  # noqa: E402
 from fetal_head.model_store import ModelSource  # noqa: E402
 from fetal_head.sam import ImageEmbedding  # noqa: E402
 from fetal_head.training import (  # noqa: E402
-    EmbeddingCache, TrainConfig, low_res_target, sample_prompt, seed_everything, step_logits, trainable_parameters,
+    EmbeddingCache, TrainConfig, low_res_target, sample_prompt, seed_everything, step_logits, prepare_trainable,
 )
 
 
@@ -54,8 +54,8 @@ def main():
     images = [read_image(c.image_path) for c in cases]
     masks = [c.load_mask() for c in cases]
     predictor = ModelSource(model_dir=tempfile.mkdtemp()).load()
-    cfg = TrainConfig()
-    params = trainable_parameters(predictor, "frozen")
+    cfg = TrainConfig(prompt_free_head=False)  # times the box decoder's step, as before the prompt-free head
+    params = prepare_trainable(predictor, cfg)["mask_decoder"].parameters()
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
     loss_fn = DiceCELoss(sigmoid=True)
     rng = np.random.default_rng(args.seed)

