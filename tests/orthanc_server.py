@@ -11,6 +11,7 @@ reachable from outside the machine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -169,3 +170,24 @@ class OrthancServer:
     def snapshot(self) -> Dict[str, str]:
         """Orthanc ID -> MD5 of the stored file, for every instance: compare two snapshots to prove nothing changed."""
         return {i: hashlib.md5(self.instance_file(i)).hexdigest() for i in self.instances()}
+
+
+@contextlib.contextmanager
+def pacs_with_app_server(tmp: Path, files: Iterable):
+    """Orthanc holding ``files``, and the app's real server reading it over DICOMweb: yields (orthanc, server)."""
+    from conftest import Server, make_app_copy
+
+    try:
+        orthanc = OrthancServer(tmp)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot start Orthanc ({e}): {INSTALL_HINT}") from e
+    server = None
+    try:
+        orthanc.upload(list(files))
+        server = Server(orthanc.dicomweb_url, make_app_copy(tmp), tmp / "server.log",
+                        env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp / "dicomweb_cache")})
+        yield orthanc, server
+    finally:
+        if server is not None:
+            server.stop()
+        orthanc.stop()

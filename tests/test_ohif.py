@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, Server, make_app_copy, test_split
+from conftest import REPO, test_split
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 INSTALL_HINT = "run `sudo scripts/install_system_deps.sh` (Debian packages chromium, orthanc, orthanc-dicomweb)"
@@ -66,13 +66,9 @@ def stack(tmp_path_factory, hc18):
     except ImportError:
         pytest.fail("the playwright Python package is missing: `.venv/bin/pip install -e .[test]`")
     from fetal_head.dicom_us import write_ultrasound
-    from orthanc_server import OrthancServer
+    from orthanc_server import pacs_with_app_server
 
     tmp = tmp_path_factory.mktemp("ohif")
-    try:
-        orthanc = OrthancServer(tmp)
-    except RuntimeError as e:
-        pytest.fail(f"cannot start Orthanc ({e}): {INSTALL_HINT}")
     cases = test_split(hc18, "test", N_STUDIES, seed=7)
     files, studies = [], {}
     for case in cases:
@@ -82,17 +78,9 @@ def stack(tmp_path_factory, hc18):
                               study_description=STUDY_DESCRIPTION, series_description="fetal head standard plane")
         files.append(path)
         studies[case.image_id] = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), case)
-    srv = None
-    try:
-        orthanc.upload(files)
-        srv = Server(orthanc.dicomweb_url, make_app_copy(tmp), tmp / "server.log",
-                     env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp / "dicomweb_cache")})
+    with pacs_with_app_server(tmp, files) as (orthanc, srv):  # no Orthanc: fails naming the install script
         srv.orthanc, srv.studies, srv.tmp = orthanc, studies, tmp
         yield srv
-    finally:
-        if srv is not None:
-            srv.stop()
-        orthanc.stop()
 
 
 class Browser:

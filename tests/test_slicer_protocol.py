@@ -180,13 +180,9 @@ def test_slicer_session_on_png_datastore(png_server):
 @pytest.fixture(scope="module")
 def dicom_server(tmp_path_factory, hc18):
     from fetal_head.dicom_us import write_ultrasound
-    from orthanc_server import OrthancServer
+    from orthanc_server import pacs_with_app_server
 
     tmp = tmp_path_factory.mktemp("slicer_dicom")
-    try:
-        orthanc = OrthancServer(tmp)
-    except RuntimeError as e:
-        pytest.fail(f"cannot start Orthanc ({e}): run `sudo scripts/install_system_deps.sh`")
     cases = test_split(hc18, "test", 2, seed=13)
     files, series = [], {}
     for case in cases:
@@ -196,17 +192,9 @@ def dicom_server(tmp_path_factory, hc18):
                               study_description="Fetal head HC18")
         files.append(path)
         series[str(ds.SeriesInstanceUID)] = case
-    srv = None
-    try:
-        orthanc.upload(files)
-        srv = Server(orthanc.dicomweb_url, make_app_copy(tmp), tmp / "server.log",
-                     env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp / "dicomweb_cache")})
+    with pacs_with_app_server(tmp, files) as (orthanc, srv):  # no Orthanc: fails naming the install script
         srv.tmp, srv.orthanc, srv.series = tmp, orthanc, series
         yield srv
-    finally:
-        if srv is not None:
-            srv.stop()
-        orthanc.stop()
 
 
 def test_slicer_smartedit_and_submit_label_on_dicom_ultrasound(dicom_server):
