@@ -67,6 +67,7 @@ class FetalHeadSamInfer(InferTask):
             if pixel_size is None:  # the request's (or datastore's) pixel size wins over the file's
                 pixel_size = dicom_spacing
         predictor = self.model.get()
+        hits_before = predictor.cache_hits
         t1 = time.time()
         pred = predictor.predict(image, prompt)
         t2 = time.time()
@@ -76,6 +77,8 @@ class FetalHeadSamInfer(InferTask):
             "score": round(pred.score, 4),
             "model_version": predictor.version,
             "image_size": [int(image.shape[1]), int(image.shape[0])],
+            # a further prompt on the same image skips the encoder (the in-memory embedding cache)
+            "embedding_cached": predictor.cache_hits > hits_before,
         }
         try:
             result["biometry"] = measure_head(pred.mask, pixel_size).to_dict()
