@@ -244,9 +244,7 @@ def warm_embeddings(predictor: SamPredictor, test: Sequence[TestImage], cache: E
     runs the decoder only (the encoder is frozen in every cell: one embedding serves them all)."""
     predictor.cache_size = max(predictor.cache_size, len(test) + 16)
     for t in tqdm(test, desc="test embeddings", unit="image", mininterval=10):
-        emb = cache.get(t.image)
-        with predictor._lock:  # the key predictor.embed looks up: (encoder weights, pixels)
-            predictor._cache[(predictor.encoder_key, SamPredictor.image_key(t.image))] = emb
+        predictor.remember(t.image, cache.get(t.image))
 
 
 # ---- cells ---------------------------------------------------------------------------------------------------
