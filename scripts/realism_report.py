@@ -38,13 +38,13 @@ def synthetic_pairs(args):
         folder = Path(args.synthetic_folder)
         ids = list(read_folder_provenance(str(folder)))[: args.n_synthetic]
         return [(read_image(folder / "images" / f"{i}.png"), read_mask(folder / "masks" / f"{i}_Mask.png")) for i in ids], {}
-    from fetal_head.synthesis import PairGenerator, synthesize
+    from fetal_head.synthesis import PairGenerator, SamplingOptions, synthesize
 
     gen = PairGenerator(args.checkpoint, device=args.device, sampler=args.sampler, steps=args.steps)
     pairs = []
     # unfiltered samples: the report measures the generator itself (QC pass rate reported by synthesize.py)
     result = synthesize(gen, args.n_synthetic, args.seed, lambda p, prov: pairs.append((p.image, p.mask)),
-                        qc="shape-only", max_candidates_factor=1.0, batch_size=args.batch_size)
+                        options=SamplingOptions(qc="shape-only", max_candidates_factor=1.0, batch_size=args.batch_size))
     while len(pairs) < args.n_synthetic:  # joint-scheme candidates failing the shape gate: take them raw
         extra = gen.generate(args.seed, [10_000_000 + len(pairs)])[0]
         pairs.append((extra.image, extra.mask))

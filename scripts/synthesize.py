@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "apps" / "fetal_head" / "lib"))
 import torch  # noqa: E402
 
 from fetal_head.quality import QC_MODES, QCThresholds  # noqa: E402
+from fetal_head.synthesis import SamplingOptions  # noqa: E402
 from fetal_head.synthetic_data import synthesize_into_datastore, synthesize_into_folder  # noqa: E402
 from fetal_head.synthetic_store import import_folder, next_free_index, open_datastore, purge_synthetic  # noqa: E402
 
@@ -86,9 +87,9 @@ def main(argv=None):
 
         predictor = ModelSource(args.model_dir, device=device).load()
     thresholds = QCThresholds(min_sam_dice=args.min_sam_dice)
-    common = dict(seed=args.seed, qc=args.qc, predictor=predictor, thresholds=thresholds, device=device,
-                  sampler=args.sampler, steps=args.steps, batch_size=args.batch_size,
-                  max_candidates_factor=args.max_candidates_factor)
+    options = SamplingOptions(qc=args.qc, predictor=predictor, thresholds=thresholds, batch_size=args.batch_size,
+                              max_candidates_factor=args.max_candidates_factor)
+    common = dict(seed=args.seed, options=options, device=device, sampler=args.sampler, steps=args.steps)
 
     if world == 1 and args.out_datastore:
         ds = open_datastore(args.out_datastore)

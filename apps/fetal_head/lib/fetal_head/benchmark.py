@@ -379,6 +379,7 @@ class Benchmark:
     def synthesize(self, items: List[LabelledImage], n: int, seed: int, n_train_real: int, qc_predictor: SamPredictor):
         """Train a generator on these N real pairs only, then sample QC-passed pairs: (items, info)."""
         from .diffusion import make_config as make_diffusion_config
+        from .synthesis import SamplingOptions
         from .synthetic_data import synthesize_into_folder, train_generator
 
         cfg = self.cfg
@@ -391,9 +392,10 @@ class Benchmark:
                                         os.path.join(root, "generator.pt"), device=cfg.device)
         t1 = time.time()
         target = int(min(cfg.max_synthetic_pairs, math.ceil(cfg.synthetic_per_label * n_train_real)))
-        result = synthesize_into_folder(folder, os.path.join(root, "generator.pt"), target, seed=seed, qc=cfg.qc,
-                                        predictor=qc_predictor if cfg.qc == "full" else None, device=cfg.device,
-                                        max_candidates_factor=cfg.max_candidates_factor)
+        options = SamplingOptions(qc=cfg.qc, predictor=qc_predictor if cfg.qc == "full" else None,
+                                  max_candidates_factor=cfg.max_candidates_factor)
+        result = synthesize_into_folder(folder, os.path.join(root, "generator.pt"), target, seed=seed,
+                                        options=options, device=cfg.device)
         qc = result["qc"]
         info = {"generator_pairs": len(items), "generator_steps": train_summary["step"],
                 "generator_image_size": dconf.image_size, "generator_final_loss": train_summary["final_loss"],

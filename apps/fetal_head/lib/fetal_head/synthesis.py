@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -133,6 +133,19 @@ class PairGenerator:
                               ellipse=ellipses[k] if ellipses else None) for k, i in enumerate(indices)]
 
 
+@dataclass
+class SamplingOptions:
+    """How candidates are sampled and quality-checked (``synthesize`` and the datastore/folder writers)."""
+
+    qc: str = "full"  # "full" (shape gates + SAM agreement) or "shape-only"
+    predictor: Any = None  # the SAM predictor that "full" QC prompts
+    thresholds: QCThresholds = field(default_factory=QCThresholds)
+    batch_size: int = 8
+    max_candidates_factor: float = 4.0  # give up after num_pairs x this many candidates
+    output_hw: Tuple[int, int] = OUTPUT_HW
+    progress: bool = True
+
+
 def synthesize(
     generator: PairGenerator,
     num_pairs: int,
@@ -141,29 +154,25 @@ def synthesize(
     start_index: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    qc: str = "full",
-    predictor=None,
-    thresholds: QCThresholds = QCThresholds(),
-    batch_size: int = 8,
-    max_candidates_factor: float = 4.0,
-    output_hw=OUTPUT_HW,
-    progress: bool = True,
+    options: Optional[SamplingOptions] = None,
 ) -> dict:
     """Sample candidates until ``num_pairs`` pass QC (or ``num_pairs x max_candidates_factor`` candidates were
     tried); each accepted pair goes to ``on_accept(pair, provenance)``. With ``world_size`` > 1 this process
     takes its round-robin share of indices and of ``num_pairs``. Returns the QC tally and the accepted ids."""
+    opt = options or SamplingOptions()
+    qc, batch_size = opt.qc, opt.batch_size
     target = num_pairs // world_size + (1 if rank < num_pairs % world_size else 0)
-    budget = int(math.ceil(target * max_candidates_factor))
+    budget = int(math.ceil(target * opt.max_candidates_factor))
     # round-robin over an index range as long as every rank's budget: rank r takes start+r, start+r+w, ...
     indices = shard(range(start_index, start_index + budget * world_size), rank, world_size)
     tally, accepted = QCTally(), []
-    bar = tqdm(total=target, desc=f"synthesize rank {rank}", unit="pair", disable=not progress)
+    bar = tqdm(total=target, desc=f"synthesize rank {rank}", unit="pair", disable=not opt.progress)
     pos = 0
     while len(accepted) < target and pos < len(indices):
         batch = indices[pos : pos + min(batch_size, max(target - len(accepted), 1))]
         pos += len(batch)
-        for pair in generator.generate(seed, batch, output_hw):
-            result = check_pair(pair.image, pair.mask, predictor=predictor, mode=qc, thresholds=thresholds)
+        for pair in generator.generate(seed, batch, opt.output_hw):
+            result = check_pair(pair.image, pair.mask, predictor=opt.predictor, mode=qc, thresholds=opt.thresholds)
             pair.qc = result
             tally.add(result)
             if result.accepted and len(accepted) < target:

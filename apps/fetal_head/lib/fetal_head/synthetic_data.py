@@ -12,9 +12,8 @@ import torch
 
 from .diffusion import DiffusionConfig, load_pairs, train
 from .images import read_mask
-from .quality import QCThresholds
 from .shape_model import HeadShapeModel
-from .synthesis import OUTPUT_HW, PairGenerator, synthesize
+from .synthesis import PairGenerator, SamplingOptions, synthesize
 from .synthetic_store import add_pair, next_free_index, synthetic_id, write_pair_to_folder
 
 logger = logging.getLogger(__name__)
@@ -52,32 +51,22 @@ def synthesize_into_datastore(
     checkpoint_path: str,
     num_pairs: int,
     seed: int = 0,
-    qc: str = "full",
-    predictor=None,
-    thresholds: QCThresholds = QCThresholds(),
+    options: Optional[SamplingOptions] = None,
     device: Optional[str] = None,
     sampler: Optional[str] = None,
     steps: Optional[int] = None,
-    batch_size: int = 8,
-    max_candidates_factor: float = 4.0,
-    progress: bool = True,
 ) -> dict:
     """Sample, QC and add ``num_pairs`` pairs as ``synthetic_<scheme>_<seed>_<index>`` (indices continue after any
     pair of the same scheme and seed already there: nothing is overwritten). One process: a datastore file is
     rewritten whole on every add, so parallel writers would lose each other's entries (see scripts/synthesize.py
     for multi-GPU runs, which write folders and merge)."""
     generator = PairGenerator(checkpoint_path, device=device or default_device(), sampler=sampler, steps=steps)
-    scheme = generator.config.scheme
-    start = next_free_index(ds, scheme, seed)
-    added: List[str] = []
-
-    def on_accept(pair, provenance):
-        added.append(add_pair(ds, synthetic_id(scheme, seed, pair.index), pair.image, pair.mask, provenance))
-
-    result = synthesize(generator, num_pairs, seed, on_accept, start_index=start, qc=qc, predictor=predictor,
-                        thresholds=thresholds, batch_size=batch_size, max_candidates_factor=max_candidates_factor,
-                        progress=progress)
-    return {"added": added, "generator_version": generator.version, "scheme": scheme, **result}
+    start = next_free_index(ds, generator.config.scheme, seed)
+    return _synthesize_and_write(
+        generator, num_pairs, seed, options, lambda image_id, pair, prov: add_pair(ds, image_id, pair.image,
+                                                                                   pair.mask, prov),
+        start_index=start,
+    )
 
 
 def synthesize_into_folder(
@@ -88,30 +77,30 @@ def synthesize_into_folder(
     start_index: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    qc: str = "full",
-    predictor=None,
-    thresholds: QCThresholds = QCThresholds(),
+    options: Optional[SamplingOptions] = None,
     device: Optional[str] = None,
     sampler: Optional[str] = None,
     steps: Optional[int] = None,
-    batch_size: int = 8,
-    max_candidates_factor: float = 4.0,
-    output_hw=OUTPUT_HW,
-    progress: bool = True,
 ) -> dict:
     """This process's share of the pairs into an HC18-style folder (images/, masks/, provenance-rank<r>.jsonl);
     safe to run from several processes at once (disjoint indices and files)."""
     generator = PairGenerator(checkpoint_path, device=device or default_device(), sampler=sampler, steps=steps)
+    provenance_file = f"provenance-rank{rank}.jsonl"
+    return _synthesize_and_write(
+        generator, num_pairs, seed, options,
+        lambda image_id, pair, prov: write_pair_to_folder(folder, image_id, pair.image, pair.mask, prov,
+                                                          provenance_file=provenance_file),
+        start_index=start_index, rank=rank, world_size=world_size,
+    )
+
+
+def _synthesize_and_write(generator: PairGenerator, num_pairs: int, seed: int, options, write, **shard) -> dict:
+    """``synthesize`` with each accepted pair written as ``write(synthetic id, pair, provenance) -> id``."""
     scheme = generator.config.scheme
     added: List[str] = []
-    provenance_file = f"provenance-rank{rank}.jsonl"
 
     def on_accept(pair, provenance):
-        added.append(write_pair_to_folder(folder, synthetic_id(scheme, seed, pair.index), pair.image, pair.mask,
-                                          provenance, provenance_file=provenance_file))
+        added.append(write(synthetic_id(scheme, seed, pair.index), pair, provenance))
 
-    result = synthesize(generator, num_pairs, seed, on_accept, start_index=start_index, rank=rank,
-                        world_size=world_size, qc=qc, predictor=predictor, thresholds=thresholds,
-                        batch_size=batch_size, max_candidates_factor=max_candidates_factor, output_hw=output_hw,
-                        progress=progress)
+    result = synthesize(generator, num_pairs, seed, on_accept, options=options, **shard)
     return {"added": added, "generator_version": generator.version, "scheme": scheme, **result}

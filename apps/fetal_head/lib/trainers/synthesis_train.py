@@ -21,6 +21,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from fetal_head.diffusion import CONFIGS, DEFAULT_SCHEME, make_config
 from fetal_head.quality import QC_MODES, QCThresholds
+from fetal_head.synthesis import SamplingOptions
 from fetal_head.synthetic_data import default_device, synthesize_into_datastore, train_generator
 from fetal_head.synthetic_store import list_synthetic, purge_synthetic, real_labelled_pairs
 
@@ -99,8 +100,8 @@ class SynthesisTrain(TrainTask):
                 min_sam_click_dice=float(request.get("min_sam_click_dice", QCThresholds.min_sam_click_dice)),
             )
             synth_summary = synthesize_into_datastore(
-                datastore, ckpt, num_pairs, seed=config.seed, qc=qc, predictor=predictor, thresholds=thresholds,
-                device=device,
+                datastore, ckpt, num_pairs, seed=config.seed,
+                options=SamplingOptions(qc=qc, predictor=predictor, thresholds=thresholds), device=device,
             )
             logger.info(f"synthetic pairs added: {len(synth_summary['added'])}; QC: {synth_summary['qc']}")
         self._last = {
