@@ -26,9 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps" / "fetal_head" / "lib"))
 
-from fetal_head.hc18 import import_cases, read_cases  # noqa: E402
-from fetal_head.images import read_image  # noqa: E402
-from fetal_head.sam import Prompt, SamPredictor  # noqa: E402
+from fetal_head.io.hc18 import import_cases, read_cases  # noqa: E402
+from fetal_head.io import read_image  # noqa: E402
+from fetal_head.segmentation import Prompt, SamPredictor  # noqa: E402
 
 
 def boxes_for(case, rng):

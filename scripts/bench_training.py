@@ -21,12 +21,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "apps", "fetal_head", "lib"))
 
-from fetal_head.hc18 import read_cases, select  # noqa: E402
-from fetal_head.images import read_image  # noqa: E402
-from fetal_head.model_store import ModelSource  # noqa: E402
-from fetal_head.sam import ImageEmbedding  # noqa: E402
-from fetal_head.training import (  # noqa: E402
-    EmbeddingCache, TrainConfig, low_res_target, sample_prompt, seed_everything, step_logits, prepare_trainable,
+from fetal_head.io.hc18 import read_cases, select  # noqa: E402
+from fetal_head.io import read_image  # noqa: E402
+from fetal_head.segmentation.model_store import ModelSource  # noqa: E402
+from fetal_head.segmentation import ImageEmbedding  # noqa: E402
+from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
+from fetal_head.segmentation.prompts import sample_prompt  # noqa: E402
+from fetal_head.segmentation.training import (  # noqa: E402
+    TrainConfig, low_res_target, seed_everything, step_logits, prepare_trainable,
 )
 
 
@@ -54,7 +56,7 @@ def main():
     images = [read_image(c.image_path) for c in cases]
     masks = [c.load_mask() for c in cases]
     predictor = ModelSource(model_dir=tempfile.mkdtemp()).load()
-    cfg = TrainConfig(prompt_free_head=False)  # times the box decoder's step, as before the prompt-free head
+    cfg = TrainConfig(automatic_head=False)  # times the box decoder's step, as before the automatic head
     params = prepare_trainable(predictor, cfg)["mask_decoder"].parameters()
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
     loss_fn = DiceCELoss(sigmoid=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Few real labels + synthetic pairs: the benchmark of issue 5 (fetal_head.benchmark), from a CPU smoke run to
+"""Few real labels + synthetic pairs: the benchmark of issue 5 (fetal_head.evaluation.benchmark), from a CPU smoke run to
 the full grid on a GPU.
 
     python scripts/benchmark.py --config smoke --out /tmp/bench_smoke          # CI: ~2 min on 2 CPU cores
@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps" / "fetal_head" / "lib"))
 
-from fetal_head.benchmark import CONFIGS, Benchmark, make_config, write_report  # noqa: E402
+from fetal_head.evaluation.benchmark import CONFIGS, Benchmark, make_config, write_report  # noqa: E402
 
 
 def main(argv=None):

@@ -6,12 +6,13 @@
 
 Several model folders are evaluated on the same prompts in one run; models with the same image encoder (a
 decoder-only fine-tune and its base) share the image embeddings, so the encoder runs once per image. With
---cache-dir the embeddings come from (and go to) that on-disk cache (``fetal_head.training.EmbeddingCache``,
+--cache-dir the embeddings come from (and go to) that on-disk cache (``fetal_head.segmentation.training.EmbeddingCache``,
 keyed by pixels and encoder weights), so later runs skip the encoder altogether.
 
-Box prompts are Slicer-style boxes from the reference mask with each side jittered 0-20 px (fixed seed); the click
-is one foreground click at the mask's centroid; automatic mode has no prompt. Per image: Dice (MONAI), HD95 in mm
-(MONAI), and the HC absolute difference in mm against the HC18 CSV (ellipse fit, per-image pixel size).
+Prompts, metrics and the failure convention are the evaluation core's (``fetal_head.evaluation.core``): box prompts
+are Slicer-style boxes from the reference mask with each side grown 0-20 px (fixed seed, clipped to the image); the
+click is one foreground click at the mask's centroid; automatic mode has no prompt. Per image: Dice, HD95 in mm,
+and the HC absolute difference in mm against the HC18 CSV; a missed head counts with finite penalties.
 Writes per-image CSV, a markdown table and an overlay figure of the best and worst box-prompt cases.
 """
 
@@ -23,43 +24,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps" / "fetal_head" / "lib"))
 
 from fetal_head.biometry import BiometryError, measure_head  # noqa: E402
-from fetal_head.hc18 import read_cases  # noqa: E402
-from fetal_head.images import read_image  # noqa: E402
-from fetal_head.model_store import ModelSource  # noqa: E402
-from fetal_head.sam import Prompt  # noqa: E402
-from fetal_head.training import EmbeddingCache  # noqa: E402
-
-MODES = ("box", "click", "automatic")
-
-
-def jittered_box(mask, rng):
-    rows, cols = np.nonzero(mask)
-    j = rng.integers(0, 21, 4)
-    return (cols.min() - j[0], rows.min() - j[1], cols.max() + j[2], rows.max() + j[3])
-
-
-def metrics(pred, ref, pixel_size, hc_ref):
-    from monai.metrics import compute_dice, compute_hausdorff_distance
-
-    p = torch.as_tensor(pred, dtype=torch.float32)[None, None]
-    r = torch.as_tensor(ref, dtype=torch.float32)[None, None]
-    dice = float(compute_dice(p, r, include_background=True, ignore_empty=False)[0, 0])
-    if pred.any():
-        hd95 = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=pixel_size)[0, 0])
-    else:
-        hd95 = float("nan")
-    try:
-        hc_err = abs(measure_head(pred, pixel_size).hc_mm - hc_ref)
-    except BiometryError:
-        hc_err = float("nan")
-    return dice, hd95, hc_err
+from fetal_head.evaluation.core import MODES, evaluate, load_test_images  # noqa: E402
+from fetal_head.io import read_image  # noqa: E402
+from fetal_head.io.hc18 import read_cases  # noqa: E402
+from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
+from fetal_head.segmentation.model_store import ModelSource  # noqa: E402
 
 
 def overlay_figure(rows, cases_by_id, predictions, path, title):
@@ -110,6 +84,7 @@ def main():
     args = ap.parse_args()
 
     cases = [c for c in read_cases(args.hc18) if c.split == args.split][: args.limit]
+    test = load_test_images(cases, seed=args.seed)  # the same prompts for every model
     names = args.names or [os.path.basename(os.path.normpath(d)) for d in args.model_dir]
     predictors = [ModelSource(model_dir=d, cache_size=len(cases) + 1).load() for d in args.model_dir]
     for p in predictors[1:]:
@@ -118,7 +93,7 @@ def main():
     summary = []
     for name, predictor in zip(names, predictors):
         disk = EmbeddingCache(args.cache_dir, predictor) if args.cache_dir else None
-        rows, predictions, seconds = evaluate_model(predictor, cases, args.modes, args.seed, name, disk)
+        rows, predictions, seconds = evaluate_model(predictor, test, args.modes, name, disk)
         sub = out / name if len(predictors) > 1 else out
         sub.mkdir(parents=True, exist_ok=True)
         with open(sub / "per_image.csv", "w", newline="") as f:
@@ -131,8 +106,8 @@ def main():
             hd = np.array([r["hd95_mm"] for r in sel])
             hc = np.array([r["hc_abs_diff_mm"] for r in sel])
             summary.append(
-                f"| {name} | {mode} | {100 * d.mean():.2f} ± {100 * d.std():.2f} % | {np.nanmedian(hd):.2f} | "
-                f"{np.nanmean(hc):.2f} |"
+                f"| {name} | {mode} | {100 * d.mean():.2f} ± {100 * d.std():.2f} % | {np.median(hd):.2f} | "
+                f"{hc.mean():.2f} |"
             )
         if "box" in args.modes:
             overlay_figure(rows, {c.image_id: c for c in cases}, predictions, sub / "best_worst_box.png",
@@ -151,27 +126,11 @@ def main():
     print(table)
 
 
-def evaluate_model(predictor, cases, modes, seed, name, disk_cache=None):
-    rng = np.random.default_rng(seed)  # the same jittered boxes for every model
-    rows, predictions = [], {}
+def evaluate_model(predictor, test, modes, name, disk_cache=None):
     t0 = time.time()
-    for case in tqdm(cases, desc=f"evaluate {name}", unit="image"):
-        img = read_image(case.image_path)
-        if disk_cache is not None:
-            predictor.remember(img, disk_cache.get(img))
-        ref = case.load_mask()
-        rr, cc = np.nonzero(ref)
-        prompts = {
-            "box": Prompt(box=jittered_box(ref, rng)),
-            "click": Prompt(points=np.array([[cc.mean(), rr.mean()]]), labels=np.array([1])),
-            "automatic": Prompt(),
-        }
-        for mode in modes:
-            pred = predictor.predict(img, prompts[mode]).mask
-            if mode == "box":
-                predictions[case.image_id] = pred
-            d, hd, hc = metrics(pred, ref, case.pixel_size_mm, case.hc_mm)
-            rows.append({"image": case.image_id, "mode": mode, "dice": d, "hd95_mm": hd, "hc_abs_diff_mm": hc})
+    rows, masks = evaluate(predictor, test, modes, desc=f"evaluate {name}", cache=disk_cache)
+    rows = [{k: r[k] for k in ("image", "mode", "dice", "hd95_mm", "hc_abs_diff_mm", "head_found")} for r in rows]
+    predictions = {key.split("/", 1)[1]: m for key, m in masks.items() if key.startswith("box/")}
     return rows, predictions, time.time() - t0
 
 

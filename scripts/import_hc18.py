@@ -10,7 +10,7 @@ DST gets the images, final labels and each image's pixel size in the datastore's
 import argparse
 import sys
 
-from fetal_head.hc18 import import_cases, read_cases, select
+from fetal_head.io.hc18 import import_cases, read_cases, select
 
 
 def main(argv=None):

@@ -19,9 +19,9 @@ import sys
 
 from tqdm import tqdm
 
-from fetal_head.dicom_us import US_ENCODINGS, segmentation_from_mask, write_ultrasound
-from fetal_head.hc18 import HC18Case, read_cases, select
-from fetal_head.images import read_image
+from fetal_head.io.dicom_us import US_ENCODINGS, segmentation_from_mask, write_ultrasound
+from fetal_head.io.hc18 import HC18Case, read_cases, select
+from fetal_head.io import read_image
 
 
 def plain_folder_cases(src, csv_path=None, pixel_size_mm=None):

@@ -22,10 +22,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps" / "fetal_head" / "lib"))
 
-from fetal_head.hc18 import read_cases, select  # noqa: E402
-from fetal_head.images import read_image, read_mask  # noqa: E402
-from fetal_head.model_store import ModelSource  # noqa: E402
-from fetal_head.realism import compare, feature_scale, sam_features, sample_grid  # noqa: E402
+from fetal_head.io.hc18 import read_cases, select  # noqa: E402
+from fetal_head.io import read_image, read_mask  # noqa: E402
+from fetal_head.segmentation.model_store import ModelSource  # noqa: E402
+from fetal_head.synthesis.realism import compare, feature_scale, sam_features, sample_grid  # noqa: E402
 
 ATTRIBUTION = ("Real images: HC18 (van den Heuvel et al., PLoS ONE 13(8): e0200412, 2018; "
                "Zenodo 10.5281/zenodo.1322001), CC BY 4.0.")
@@ -33,12 +33,12 @@ ATTRIBUTION = ("Real images: HC18 (van den Heuvel et al., PLoS ONE 13(8): e02004
 
 def synthetic_pairs(args):
     if args.synthetic_folder:
-        from fetal_head.synthetic_store import read_folder_provenance
+        from fetal_head.synthesis.store import read_folder_provenance
 
         folder = Path(args.synthetic_folder)
         ids = list(read_folder_provenance(str(folder)))[: args.n_synthetic]
         return [(read_image(folder / "images" / f"{i}.png"), read_mask(folder / "masks" / f"{i}_Mask.png")) for i in ids], {}
-    from fetal_head.synthesis import PairGenerator, SamplingOptions, synthesize
+    from fetal_head.synthesis.sampling import PairGenerator, SamplingOptions, synthesize
 
     gen = PairGenerator(args.checkpoint, device=args.device, sampler=args.sampler, steps=args.steps)
     pairs = []

@@ -29,10 +29,10 @@ sys.path.insert(0, str(REPO / "apps" / "fetal_head" / "lib"))
 
 import torch  # noqa: E402
 
-from fetal_head.quality import QC_MODES, QCThresholds  # noqa: E402
-from fetal_head.synthesis import SamplingOptions  # noqa: E402
-from fetal_head.synthetic_data import synthesize_into_datastore, synthesize_into_folder  # noqa: E402
-from fetal_head.synthetic_store import import_folder, next_free_index, open_datastore, purge_synthetic  # noqa: E402
+from fetal_head.synthesis.quality import QC_MODES, QCThresholds  # noqa: E402
+from fetal_head.synthesis.sampling import SamplingOptions  # noqa: E402
+from fetal_head.synthesis.pipeline import synthesize_into_datastore, synthesize_into_folder  # noqa: E402
+from fetal_head.synthesis.store import import_folder, next_free_index, open_datastore, purge_synthetic  # noqa: E402
 
 
 def dist_env():
@@ -83,7 +83,7 @@ def main(argv=None):
 
     predictor = None
     if args.qc == "full":
-        from fetal_head.model_store import ModelSource
+        from fetal_head.segmentation.model_store import ModelSource
 
         predictor = ModelSource(args.model_dir, device=device).load()
     thresholds = QCThresholds(min_sam_dice=args.min_sam_dice)
@@ -103,7 +103,7 @@ def main(argv=None):
     if start is None:
         # every rank reads the same datastore before anyone writes to it: the same start index everywhere
         if args.out_datastore:
-            from fetal_head.diffusion import DiffusionConfig, load_checkpoint
+            from fetal_head.synthesis.diffusion import DiffusionConfig, load_checkpoint
 
             scheme = DiffusionConfig.from_json(load_checkpoint(args.checkpoint)["config"]).scheme
             start = next_free_index(open_datastore(args.out_datastore), scheme, args.seed) if rank == 0 else 0

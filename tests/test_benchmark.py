@@ -1,4 +1,4 @@
-"""The few-labels + synthetic-pairs benchmark (scripts/benchmark.py, fetal_head.benchmark): the smoke configuration
+"""The few-labels + synthetic-pairs benchmark (scripts/benchmark.py, fetal_head.evaluation.benchmark): the smoke configuration
 end to end on real HC18 images, and the completeness and sanity of what it writes."""
 
 import csv
@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import HC18, REPO
 
-from fetal_head.benchmark import (
+from fetal_head.evaluation.benchmark import (
     MODES,
     NOT_RUN_GPU,
     REAL,

@@ -16,7 +16,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import UltrasoundImageStorage, UltrasoundMultiFrameImageStorage
 
 from conftest import REPO, dice, test_split
-from fetal_head.dicom_us import (
+from fetal_head.io.dicom_us import (
     US_ENCODINGS,
     DicomReadError,
     mask_from_segmentation,
@@ -24,7 +24,7 @@ from fetal_head.dicom_us import (
     segmentation_from_mask,
     write_ultrasound,
 )
-from fetal_head.images import ImageReadError, read_frame, read_image, to_gray_uint8
+from fetal_head.io import ImageReadError, read_frame, read_image, to_gray_uint8
 
 PHOTOMETRICS = ["MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"]
 
@@ -286,7 +286,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, cases):
 
 def test_infer_task_uses_dicom_calibration_and_frame(tmp_path, cases):
     """The infer task on a DICOM cine: the chosen frame is segmented and HC is in mm from the file's calibration."""
-    from fetal_head.model_store import ModelSource, ServedModel
+    from fetal_head.segmentation.model_store import ModelSource, ServedModel
     from infers.sam_infer import FetalHeadSamInfer
 
     frames = [read_image(c.image_path) for c in cases[:2]]
@@ -334,7 +334,7 @@ def test_png_to_dicom_script_on_sample_data(tmp_path):
         import png_to_dicom
     finally:
         sys.path.pop(0)
-    from fetal_head.hc18 import read_cases
+    from fetal_head.io.hc18 import read_cases
 
     png_to_dicom.main([str(REPO / "apps/fetal_head/sample_data"), str(tmp_path), "--jpeg", "--seg"])
     cases = read_cases(str(REPO / "apps/fetal_head/sample_data"))

@@ -23,7 +23,7 @@ MPEG2 = "1.2.840.10008.1.2.4.100"  # MPEG-2 video (US cine): no installed decode
 
 def make_bad_dicom(tmp, good_image, pixel_size):
     """One file per way a PACS instance can be unusable, each in its own series; name -> path."""
-    from fetal_head.dicom_us import write_ultrasound
+    from fetal_head.io.dicom_us import write_ultrasound
 
     paths = {}
     paths["no_calibration"] = tmp / "no_calibration.dcm"
@@ -43,7 +43,7 @@ def make_bad_dicom(tmp, good_image, pixel_size):
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory, hc18):
-    from fetal_head.dicom_us import write_ultrasound
+    from fetal_head.io.dicom_us import write_ultrasound
 
     tmp = tmp_path_factory.mktemp("dicomweb")
     cases = test_split(hc18, "test", N_CASES)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fetal_head.images import ImageReadError, read_image, to_gray_uint8, read_mask, write_mask
-from fetal_head.prompts import pixel_size_from_request, prompt_from_request, prompt_mode
-from fetal_head.sam import Prompt, PromptError
+from fetal_head.io import ImageReadError, read_image, to_gray_uint8, read_mask, write_mask
+from fetal_head.segmentation.prompts import pixel_size_from_request, prompt_from_request, prompt_mode
+from fetal_head.segmentation import Prompt, PromptError
 
 
 def _save(tmp_path, array, name="x.png", mode=None):

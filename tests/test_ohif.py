@@ -65,7 +65,7 @@ def stack(tmp_path_factory, hc18):
         import playwright.sync_api  # noqa: F401
     except ImportError:
         pytest.fail("the playwright Python package is missing: `.venv/bin/pip install -e .[test]`")
-    from fetal_head.dicom_us import write_ultrasound
+    from fetal_head.io.dicom_us import write_ultrasound
     from orthanc_server import pacs_with_app_server
 
     tmp = tmp_path_factory.mktemp("ohif")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import dice, test_split
-from fetal_head.images import read_image
-from fetal_head.sam import Prompt, SamPredictor
+from fetal_head.io import read_image
+from fetal_head.segmentation import Prompt, SamPredictor
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_encoder_weights_are_part_of_the_key(predictor, hc18):
     other = SamPredictor.litemedsam(cache_size=3)
     with torch.no_grad():
         other.model.image_encoder.neck[0].weight.mul_(1.01)  # different encoder weights
-    from fetal_head.sam import weights_key
+    from fetal_head.segmentation.models import weights_key
 
     other.encoder_key = weights_key(other.model.image_encoder, "256:minmax")
     other.share_cache(predictor)

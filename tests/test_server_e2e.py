@@ -16,7 +16,7 @@ N_IMAGES = 12
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, hc18):
-    from fetal_head.hc18 import import_cases
+    from fetal_head.io.hc18 import import_cases
 
     tmp = tmp_path_factory.mktemp("e2e")
     cases = test_split(hc18, "test", N_IMAGES, seed=1)

@@ -87,7 +87,7 @@ def wait_for_training(client, timeout=900):
 # ---- PNG datastore ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def png_server(tmp_path_factory, hc18):
-    from fetal_head.hc18 import import_cases
+    from fetal_head.io.hc18 import import_cases
 
     tmp = tmp_path_factory.mktemp("slicer_png")
     studies = tmp / "studies"
@@ -179,7 +179,7 @@ def test_slicer_session_on_png_datastore(png_server):
 # ---- DICOM ultrasound in a PACS (Orthanc, DICOMweb) -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dicom_server(tmp_path_factory, hc18):
-    from fetal_head.dicom_us import write_ultrasound
+    from fetal_head.io.dicom_us import write_ultrasound
     from orthanc_server import pacs_with_app_server
 
     tmp = tmp_path_factory.mktemp("slicer_dicom")
@@ -245,7 +245,7 @@ def test_slicer_next_sample_image_can_be_loaded_from_dicom_datastore(dicom_serve
     assert (local and os.path.isfile(local)) or download.status_code == 200, \
         f"path {local!r} is not a file and GET /datastore/image answered {download.status_code} {download.text[:200]}"
     assert download.status_code == 200, download.text[:300]  # Slicer on another machine
-    from fetal_head.images import read_image
+    from fetal_head.io import read_image
 
     path = srv.tmp / "downloaded_image"
     path.write_bytes(download.content)

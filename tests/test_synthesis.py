@@ -24,7 +24,7 @@ TINY = {"scheme": "mask_conditioned", "config": "tiny", "max_steps": 20, "num_pa
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, hc18):
-    from fetal_head.hc18 import import_cases
+    from fetal_head.io.hc18 import import_cases
 
     tmp = tmp_path_factory.mktemp("synthesis")
     studies = tmp / "studies"
@@ -66,8 +66,8 @@ def test_task_is_listed(server):
 
 
 def test_synthesis_task_adds_pairs_then_purges_only_synthetic(server):
-    from fetal_head.quality import check_shape
-    from fetal_head.synthetic_store import file_hashes
+    from fetal_head.synthesis.quality import check_shape
+    from fetal_head.synthesis.store import file_hashes
     from PIL import Image
 
     studies = server.studies
@@ -109,9 +109,9 @@ def test_synthesis_task_adds_pairs_then_purges_only_synthetic(server):
 
 def test_training_resumes_and_both_schemes_sample_pairs(tmp_path, hc18):
     import torch
-    from fetal_head.diffusion import load_checkpoint, make_config
-    from fetal_head.synthesis import PairGenerator
-    from fetal_head.synthetic_data import train_generator
+    from fetal_head.synthesis.diffusion import load_checkpoint, make_config
+    from fetal_head.synthesis.sampling import PairGenerator
+    from fetal_head.synthesis.pipeline import train_generator
 
     cases = test_split(hc18, "pool", 6, seed=8)
     pairs = [(c.image_id, c.image_path, c.mask_path) for c in cases]
@@ -142,7 +142,7 @@ def test_training_resumes_and_both_schemes_sample_pairs(tmp_path, hc18):
 
 @pytest.fixture(scope="module")
 def real_pair(hc18):
-    from fetal_head.images import read_image
+    from fetal_head.io import read_image
 
     case = test_split(hc18, "pool", 1, seed=11)[0]
     return read_image(case.image_path), case.load_mask()
@@ -150,13 +150,13 @@ def real_pair(hc18):
 
 @pytest.fixture(scope="module")
 def predictor():
-    from fetal_head.sam import SamPredictor
+    from fetal_head.segmentation import SamPredictor
 
     return SamPredictor.litemedsam()
 
 
 def test_qc_rejects_broken_pairs_with_the_right_reason(real_pair, predictor):
-    from fetal_head.quality import check_pair
+    from fetal_head.synthesis.quality import check_pair
 
     image, mask = real_pair
     rng = np.random.default_rng(0)
@@ -190,8 +190,8 @@ def test_qc_rejects_broken_pairs_with_the_right_reason(real_pair, predictor):
 
 
 def test_qc_accepts_a_clean_real_ellipse_pair(real_pair, predictor):
-    from fetal_head.quality import check_pair
-    from fetal_head.shape_model import fit_ellipse_to_mask
+    from fetal_head.synthesis.quality import check_pair
+    from fetal_head.synthesis.shape_model import fit_ellipse_to_mask
 
     image, mask = real_pair
     clean = fit_ellipse_to_mask(mask).rasterise(mask.shape)
@@ -202,14 +202,14 @@ def test_qc_accepts_a_clean_real_ellipse_pair(real_pair, predictor):
 
 
 def test_qc_shape_only_is_explicit():
-    from fetal_head.quality import check_pair
+    from fetal_head.synthesis.quality import check_pair
 
     with pytest.raises(ValueError):
         check_pair(np.zeros((8, 8), np.uint8), np.zeros((8, 8), bool), None, mode="lenient")
     with pytest.raises(ValueError):  # full QC without SAM is refused, not silently downgraded
         mask = np.zeros((540, 800), bool)
         mask[200:300, 300:500] = True
-        from fetal_head.shape_model import fit_ellipse_to_mask
+        from fetal_head.synthesis.shape_model import fit_ellipse_to_mask
 
         check_pair(np.zeros((540, 800), np.uint8), fit_ellipse_to_mask(mask).rasterise(mask.shape), None, mode="full")
 
@@ -218,8 +218,8 @@ def test_qc_shape_only_is_explicit():
 
 def test_shape_model_samples_plausible_single_ellipses(hc18):
     from fetal_head.biometry import measure_head
-    from fetal_head.quality import check_shape
-    from fetal_head.shape_model import HeadShapeModel, fit_ellipse_to_mask
+    from fetal_head.synthesis.quality import check_shape
+    from fetal_head.synthesis.shape_model import HeadShapeModel, fit_ellipse_to_mask
     from skimage.measure import label
 
     cases = test_split(hc18, "pool", 40, seed=5)
@@ -247,8 +247,8 @@ def test_shape_model_samples_plausible_single_ellipses(hc18):
 # ---- realism metrics ------------------------------------------------------------------------------------------
 
 def test_real_vs_real_is_closer_than_real_vs_noise(hc18, predictor):
-    from fetal_head.images import read_image
-    from fetal_head.realism import compare, feature_scale, sam_features
+    from fetal_head.io import read_image
+    from fetal_head.synthesis.realism import compare, feature_scale, sam_features
 
     cases = test_split(hc18, "test", 16, seed=2)
     images = [read_image(c.image_path) for c in cases]

@@ -23,11 +23,11 @@ from monailabel.tasks.activelearning.random import Random
 
 from fetal_head import __version__
 from fetal_head.biometry import BiometryError
-from fetal_head.dicomweb import datastore_from_settings
-from fetal_head.hc18 import LABEL_NAME, PIXEL_SIZE_KEY
-from fetal_head.images import ImageReadError
-from fetal_head.model_store import ModelSource, ServedModel
-from fetal_head.sam import PromptError
+from fetal_head.io.hc18 import LABEL_NAME, PIXEL_SIZE_KEY
+from fetal_head.io import ImageReadError
+from fetal_head.segmentation.model_store import ModelSource, ServedModel
+from fetal_head.segmentation.prompts import PromptError
+from lib.datastores.dicomweb import datastore_from_settings
 from lib.infers.sam_infer import FetalHeadSamInfer
 from lib.trainers.sam_train import FetalHeadSamTrain
 from lib.trainers.synthesis_train import TRAIN_NAME as SYNTHESIS_TRAIN_NAME, SynthesisTrain

@@ -1,5 +1,5 @@
-"""MONAI Label train task ``fetal_head_sam``: fine-tunes the served SAM's mask decoder and its prompt-free head
-(thin adapter over ``fetal_head.training``).
+"""MONAI Label train task ``fetal_head_sam``: fine-tunes the served SAM's mask decoder and its automatic head
+(thin adapter over ``fetal_head.segmentation.training``).
 
 MONAI Label runs ``POST /train/fetal_head_sam`` in a child process (``python -m monailabel.interfaces.utils.app
 -m train -r <request json>``, see ``monailabel.utils.async_tasks.utils``), which builds the app and calls this
@@ -10,7 +10,7 @@ serving. The infer task notices the new file's mtime and reloads it without a re
 Request options (MONAI Label names where they exist): ``max_epochs``, ``train_batch_size``, ``val_split``,
 ``multi_gpu``, ``gpus`` (data-parallel over those GPUs, DDP, as MONAI Label's BasicTrainTask: one process per
 GPU through ``torch.multiprocessing.spawn``); and ``learning_rate``, ``max_real_labels`` (0 = all),
-``synthetic_share``, ``train_encoder`` ("frozen", "lora", "full"), ``prompt_free_head``, ``flip``, ``seed``,
+``synthetic_share``, ``train_encoder`` ("frozen", "lora", "full"), ``automatic_head``, ``flip``, ``seed``,
 ``world_size`` (DDP processes without GPUs: gloo on CPU).
 """
 
@@ -26,9 +26,9 @@ from typing import Any, Dict
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from fetal_head.model_store import ModelSource, save_finetuned
-from fetal_head.synthetic_store import is_synthetic
-from fetal_head.training import LabelledImage, TrainConfig, checkpoint_meta, finetune
+from fetal_head.segmentation.model_store import ModelSource, save_finetuned
+from fetal_head.synthesis.store import is_synthetic
+from fetal_head.segmentation.training import LabelledImage, TrainConfig, checkpoint_meta, finetune
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def config_from_request(request: Dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig()
     casts = {"max_epochs": int, "train_batch_size": int, "max_real_labels": int, "seed": int, "max_jitter": int,
              "val_split": float, "learning_rate": float, "weight_decay": float, "synthetic_share": float,
-             "flip": _as_bool, "train_encoder": str, "prompt_free_head": _as_bool, "world_size": int,
+             "flip": _as_bool, "train_encoder": str, "automatic_head": _as_bool, "world_size": int,
              "lora_rank": int}
     for f in fields(TrainConfig):
         if f.name in request and request[f.name] is not None and f.name in casts:
@@ -76,7 +76,7 @@ def requested_gpus(request: Dict[str, Any]) -> list:
 
 class FetalHeadSamTrain(TrainTask):
     def __init__(self, source: ModelSource, cache_dir: str = ""):
-        super().__init__("Fine-tune the SAM mask decoder on the datastore's final labels (box, click, prompt-free)")
+        super().__init__("Fine-tune the SAM mask decoder on the datastore's final labels (box, click, automatic)")
         self.source = source
         self.cache_dir = cache_dir or os.path.join(source.model_dir, "embedding_cache")
 

@@ -8,9 +8,9 @@ labelled images, then add QC-passed synthetic pairs to the datastore (or purge t
 - Training uses real pairs only (ids without the ``synthetic_`` prefix and without ``synthetic: true`` info).
 - The checkpoint is ``model/diffusion/<scheme>_<config>.pt``; a later request with a larger ``max_steps`` resumes
   it (``"resume": false`` starts over). ``max_steps`` at or below the checkpoint's step skips training.
-- ``"qc": "shape-only"`` skips the SAM agreement gate: for tests and CPU smoke runs only (see fetal_head.quality).
+- ``"qc": "shape-only"`` skips the SAM agreement gate: for tests and CPU smoke runs only (see fetal_head.synthesis.quality).
 - ``"purge": true`` removes every synthetic pair and does nothing else.
-The domain logic is in fetal_head.synthetic_data; this file only maps the request onto it.
+The domain logic is in fetal_head.synthesis.pipeline; this file only maps the request onto it.
 """
 
 import logging
@@ -19,11 +19,11 @@ import os
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from fetal_head.diffusion import CONFIGS, DEFAULT_SCHEME, make_config
-from fetal_head.quality import QC_MODES, QCThresholds
-from fetal_head.synthesis import SamplingOptions
-from fetal_head.synthetic_data import default_device, synthesize_into_datastore, train_generator
-from fetal_head.synthetic_store import list_synthetic, purge_synthetic, real_labelled_pairs
+from fetal_head.synthesis.diffusion import CONFIGS, DEFAULT_SCHEME, make_config
+from fetal_head.synthesis.quality import QC_MODES, QCThresholds
+from fetal_head.synthesis.sampling import SamplingOptions
+from fetal_head.synthesis.pipeline import default_device, synthesize_into_datastore, train_generator
+from fetal_head.synthesis.store import list_synthetic, purge_synthetic, real_labelled_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class SynthesisTrain(TrainTask):
     def __init__(self, model_dir: str, model_source=None):
         super().__init__("Diffusion synthesis of fetal head image-mask pairs (trains on real labels, adds synthetic_* pairs)")
         self.model_dir = model_dir
-        self.model_source = model_source  # fetal_head.model_store.ModelSource: the SAM model for QC
+        self.model_source = model_source  # fetal_head.segmentation.model_store.ModelSource: the SAM model for QC
         self._last = {}
 
     def config(self):

@@ -5,8 +5,8 @@ and converts labels back with dcmqi (downloaded from GitHub at start). For ultra
 
 - lists US series (unless ``MONAI_LABEL_DICOMWEB_SEARCH_FILTER`` is set) and refuses other modalities with a 422;
 - caches each series as the DICOM files Orthanc stores (``transfer-syntax=*``: no transcoding), so the infer task
-  reads the pixels *and* the region calibration (pixel size in mm) with :func:`fetal_head.dicom_us.read_ultrasound`;
-- writes a final label as a DICOM SEG with highdicom (:func:`fetal_head.dicom_us.segmentation_from_mask`) that
+  reads the pixels *and* the region calibration (pixel size in mm) with :func:`fetal_head.io.dicom_us.read_ultrasound`;
+- writes a final label as a DICOM SEG with highdicom (:func:`fetal_head.io.dicom_us.segmentation_from_mask`) that
   references its source instance, and stores it with STOW-RS. Nothing on the server is modified or deleted: a SEG
   is always a new instance in a new series.
 
@@ -32,7 +32,7 @@ from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
-from fetal_head.images import ImageReadError, write_mask_png
+from fetal_head.io import ImageReadError, write_mask_png
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def read_label(path: str, shape) -> np.ndarray:
     Singleton axes ((1, H, W), (H, W, 1)) are dropped; any non-zero value is the head. A label whose shape is not
     the image's (rows, columns) is refused rather than resampled: it was drawn on another image.
     """
-    from fetal_head.images import read_mask
+    from fetal_head.io import read_mask
 
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise LabelError("the label file is empty")
@@ -161,7 +161,7 @@ class UltrasoundDICOMwebDatastore(DICOMWebDatastore):
         non-US one. A file, not the folder: Slicer loads `/datastore/image` answers (and the `path` of a sample)
         as a volume, and `GET /datastore/image` serves files only. A series' image is its first instance
         (`dicom_us.series_instance_file`), the one infer reads."""
-        from fetal_head.dicom_us import series_instance_file
+        from fetal_head.io.dicom_us import series_instance_file
 
         image_dir = self._image_dir(image_id) if is_uid(image_id) else ""
         if image_dir and os.path.isdir(image_dir) and os.listdir(image_dir):
@@ -236,7 +236,7 @@ class UltrasoundDICOMwebDatastore(DICOMWebDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
                    label_id: str = "") -> str:
         """Store a label for a series. Final labels become a DICOM SEG in the PACS (STOW-RS, a new series)."""
-        from fetal_head.dicom_us import read_ultrasound, segmentation_from_mask
+        from fetal_head.io.dicom_us import read_ultrasound, segmentation_from_mask
 
         label_tag = label_tag or DefaultLabelTag.FINAL.value
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", label_tag):
@@ -292,7 +292,7 @@ class UltrasoundDICOMwebDatastore(DICOMWebDatastore):
         seg = self._seg_for(image_id)
         if seg is None:
             return ""
-        from fetal_head.dicom_us import mask_from_segmentation
+        from fetal_head.io.dicom_us import mask_from_segmentation
 
         mask, _ = mask_from_segmentation(seg)
         os.makedirs(os.path.dirname(png), exist_ok=True)

@@ -11,10 +11,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .diffusion import DiffusionConfig, load_pairs, train
-from .images import read_mask
+from ..io import read_mask
 from .shape_model import HeadShapeModel
-from .synthesis import PairGenerator, SamplingOptions, synthesize
-from .synthetic_store import add_pair, next_free_index, synthetic_id, write_pair_to_folder
+from .sampling import PairGenerator, SamplingOptions, synthesize
+from .store import add_pair, next_free_index, synthetic_id, write_pair_to_folder
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from fetal_head.dicom_us import read_ultrasound, write_ultrasound, segmentation_from_mask, mask_from_segmentation
+    from fetal_head.io.dicom_us import read_ultrasound, write_ultrasound, segmentation_from_mask, mask_from_segmentation
 
     us = read_ultrasound("series_dir_or_file.dcm", frame=None)  # frame: 0-based, for cine (multi-frame) files
     us.pixels, us.pixel_size_mm, us.calibration, us.calibration_note  # (H, W) uint8, mm or None, where it came from
@@ -48,7 +48,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from .images import MIN_SIDE, ImageReadError, to_gray_uint8
+from .common import MIN_SIDE, ImageReadError, to_gray_uint8
 
 PathLike = Union[str, os.PathLike]
 CM_UNITS = 3  # PhysicalUnitsX/YDirection code for cm (PS3.3 C.8.5.5.1.15)

@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure
 
-from .biometry import BiometryError, ellipse_mask, measure_head
+from ..biometry import BiometryError, ellipse_mask, measure_head
 
 QC_MODES = ("full", "shape-only")
 ACCEPTED = "accepted"
@@ -109,7 +109,7 @@ def check_shape(mask: np.ndarray, thresholds: QCThresholds = QCThresholds()) -> 
 
 def check_sam_agreement(image: np.ndarray, mask: np.ndarray, predictor, thresholds: QCThresholds = QCThresholds()) -> QCResult:
     """Gate 2: SAM finds the same head from a loose box and from a centroid click."""
-    from .sam import Prompt
+    from ..segmentation.prompts import Prompt
 
     m = np.asarray(mask) > 0
     pred = predictor.predict(image, Prompt(box=mask_box(m, thresholds.sam_box_margin)))

@@ -7,8 +7,9 @@ Order of precedence:
 
 A fine-tuned checkpoint is a plain dict ``{"model_type", "state_dict", "meta"}`` that loads with
 ``weights_only=True``; ``state_dict`` is the whole model's (image encoder included, so an encoder fine-tune is
-served as such) plus, when the trainer made one, the prompt-free head under ``auto_decoder.*`` keys; it is written to a temporary file and renamed into place, so a crashed or killed
-training never leaves a half-written model where the server looks.
+served as such) plus, when the trainer made one, the automatic head under ``automatic_decoder.*`` keys; it is
+written to a temporary file and renamed into place (:mod:`fetal_head.files`), so a crashed or killed training
+never leaves a half-written model where the server looks.
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .sam import AUTO_DECODER, META_SAM_TYPES, SamPredictor, attach_auto_decoder, build_litemedsam, build_meta_sam
+from ..files import atomic_json, atomic_torch_save
+from .models import AUTOMATIC_DECODER, LITEMEDSAM, attach_automatic_decoder, build_model, upgrade_state_dict
+from .predictor import SamPredictor
 
 logger = logging.getLogger(__name__)
 
 FINETUNED_NAME = "fetal_head_sam.pt"
-LITEMEDSAM = "litemedsam"
 
 
 @dataclass
@@ -57,11 +58,9 @@ class ModelSource:
         return self.sam_model_type if self.sam_checkpoint else LITEMEDSAM
 
     def build_base(self) -> torch.nn.Module:
-        if self.sam_checkpoint:
-            if not os.path.isfile(self.sam_checkpoint):
-                raise FileNotFoundError(f"sam_checkpoint not found: {self.sam_checkpoint}")
-            return build_meta_sam(self.sam_checkpoint, self.sam_model_type)
-        return build_litemedsam()
+        if self.sam_checkpoint and not os.path.isfile(self.sam_checkpoint):
+            raise FileNotFoundError(f"sam_checkpoint not found: {self.sam_checkpoint}")
+        return build_model(self.base_model_type(), self.sam_checkpoint)
 
     def load(self) -> SamPredictor:
         """The predictor for the current version (fine-tuned weights over the base model when present)."""
@@ -71,13 +70,14 @@ class ModelSource:
         if os.path.isfile(self.finetuned_path):
             ckpt = torch.load(self.finetuned_path, map_location="cpu", weights_only=True)
             model_type = ckpt.get("model_type", model_type)
+            state = upgrade_state_dict(ckpt["state_dict"])
             net = build_model(model_type, self.sam_checkpoint)
-            if any(k.startswith(AUTO_DECODER + ".") for k in ckpt["state_dict"]):
-                attach_auto_decoder(net)  # the prompt-free head's weights follow in the same state dict
-            net.load_state_dict(ckpt["state_dict"], strict=True)
+            if any(k.startswith(AUTOMATIC_DECODER + ".") for k in state):
+                attach_automatic_decoder(net)  # the automatic head's weights follow in the same state dict
+            net.load_state_dict(state, strict=True)
         if net is None:
             net = self.build_base()
-        return predictor_for(net, model_type, device=self.device, cache_size=self.cache_size, version=version)
+        return SamPredictor.for_model(net, model_type, device=self.device, cache_size=self.cache_size, version=version)
 
 
 class ServedModel:
@@ -101,40 +101,10 @@ class ServedModel:
             self._predictor.clear_cache()
 
 
-def build_model(model_type: str, sam_checkpoint: Optional[str] = None) -> torch.nn.Module:
-    if model_type == LITEMEDSAM:
-        return build_litemedsam()
-    if model_type in META_SAM_TYPES:
-        from segment_anything import sam_model_registry
-
-        # The fine-tuned state dict replaces every weight, so the base checkpoint is optional here.
-        if sam_checkpoint:
-            return build_meta_sam(sam_checkpoint, model_type)
-        return sam_model_registry[model_type](checkpoint=None)
-    raise ValueError(f"unknown model type {model_type!r}")
-
-
-def predictor_for(net: torch.nn.Module, model_type: str, **kwargs) -> SamPredictor:
-    if model_type == LITEMEDSAM:
-        return SamPredictor(net, image_size=256, normalization="minmax", **kwargs)
-    return SamPredictor(net, image_size=1024, normalization="imagenet", **kwargs)
-
-
 def save_finetuned(net: torch.nn.Module, model_type: str, model_dir: str, meta: dict) -> str:
     """Atomically write a fine-tuned checkpoint (and its metadata as JSON beside it)."""
-    os.makedirs(model_dir, exist_ok=True)
     target = os.path.join(model_dir, FINETUNED_NAME)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save({"model_type": model_type, "state_dict": state, "meta": json.dumps(meta)}, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    meta_path = target.replace(".pt", ".json")
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    atomic_torch_save({"model_type": model_type, "state_dict": state, "meta": json.dumps(meta)}, target)
+    atomic_json(meta, target.replace(".pt", ".json"), indent=2)
     return target

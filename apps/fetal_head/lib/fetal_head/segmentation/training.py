@@ -2,12 +2,12 @@
 
 Design decisions:
 
-- What trains: SAM's mask decoder for box (and box + click) prompts, and beside it a separate prompt-free head
-  (``auto_decoder``, a copy of the mask decoder, :func:`fetal_head.sam.attach_auto_decoder`) trained with no
+- What trains: SAM's mask decoder for box (and box + click) prompts, and beside it a separate automatic head
+  (``auto_decoder``, a copy of the mask decoder, :func:`fetal_head.segmentation.attach_automatic_decoder`) trained with no
   sparse prompt at all. Separate weights keep box-prompt results exactly what box training gives; at inference
   the head's coarse mask only proposes the box that the box decoder then segments
-  (:meth:`fetal_head.sam.SamPredictor.predict_automatic`). Each head keeps its own best epoch (validation Dice
-  with a fixed jittered box, and prompt-free Dice through the served path). The image encoder and prompt encoder
+  (:meth:`fetal_head.segmentation.SamPredictor.predict_automatic`). Each head keeps its own best epoch (validation Dice
+  with a fixed jittered box, and automatic Dice through the served path). The image encoder and prompt encoder
   stay frozen by default, as MedSAM/LiteMedSAM fine-tuning does; ``train_encoder="lora"`` (peft LoRA on the
   encoder's attention and MLP linears, merged into the weights at the end) or ``"full"`` train it end to end at
   the model's input size (256 px for LiteMedSAM), bypassing the embedding cache. The saved encoder weights change
@@ -23,7 +23,7 @@ Design decisions:
   inside the mask and sometimes one background click (10 %). Clicks alone are supported
   (``prompt_shares["clicks"]``) but off by default: the predictor turns click-only requests into box prompts,
   and on 10 labels a 50 % box share lowered test box Dice (0.908 zero-shot -> 0.879) where box-only training
-  raised it (-> 0.934). An earlier prompt-free design fed the box decoder the full-image box as a "prompt-free"
+  raised it (-> 0.934). An earlier automatic design fed the box decoder the full-image box as an "automatic"
   prompt: it lowered box Dice, hence the separate head. Pixel-side augmentation would invalidate the cache,
   except a horizontal flip (``flip=True``), which is encoded once more as its own cache entry; it is off by
   default because it doubles the encoder time on CPU.
@@ -55,13 +55,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .images import read_image, read_mask
-from .sam import AUTO_DECODER, ImageEmbedding, Prompt, SamPredictor, attach_auto_decoder
+from ..files import atomic_path
+from ..io import read_image, read_mask
+from . import box_search
+from .embedding_cache import EmbeddingCache
+from .models import AUTOMATIC_DECODER, attach_automatic_decoder
+from .predictor import ImageEmbedding, SamPredictor
+from .prompts import Prompt, jitter_box, mask_box, sample_prompt
 
 logger = logging.getLogger(__name__)
 
 ENCODER_MODES = ("frozen", "lora", "full")
-MIN_VAL_IMAGES_FOR_HEAD = 10  # validation images needed to trust the prompt-free head over the box search
+MIN_VAL_IMAGES_FOR_HEAD = 10  # validation images needed to trust the automatic head over the box search
 
 
 @dataclass
@@ -79,7 +84,7 @@ class TrainConfig:
     seed: int = 0
     # share of each prompt kind among the box decoder's training steps (normalised)
     prompt_shares: Dict[str, float] = field(default_factory=lambda: {"box": 0.9, "box_clicks": 0.1, "clicks": 0.0})
-    prompt_free_head: bool = True  # also train the prompt-free head (auto_decoder) on the same samples
+    automatic_head: bool = True  # also train the automatic head (automatic_decoder) on the same samples
     world_size: int = 1  # data-parallel processes (DDP): one per GPU, or gloo processes on CPU
     lora_rank: int = 8  # train_encoder="lora" only
 
@@ -104,105 +109,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# ---- prompts ---------------------------------------------------------------------------------------------------
-def mask_box(mask: np.ndarray) -> Tuple[float, float, float, float]:
-    """(x_min, y_min, x_max, y_max), inclusive pixel indices of the mask's bounding box."""
-    rows, cols = np.nonzero(mask)
-    if len(rows) == 0:
-        raise ValueError("empty mask has no bounding box")
-    return float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())
-
-
-def jitter_box(box, rng: np.random.Generator, max_jitter: int, height: int, width: int):
-    """Grow each side outward by 0..max_jitter px (a user's box is drawn around the head, not inside it)."""
-    j = rng.integers(0, max_jitter + 1, size=4)
-    x0, y0, x1, y1 = box
-    return (max(x0 - j[0], 0.0), max(y0 - j[1], 0.0), min(x1 + j[2], width - 1.0), min(y1 + j[3], height - 1.0))
-
-
-def sample_clicks(mask: np.ndarray, rng: np.random.Generator, max_fg: int = 3, bg_prob: float = 0.5):
-    """1..max_fg foreground clicks inside the mask and, with ``bg_prob``, one background click outside it."""
-    rows, cols = np.nonzero(mask)
-    n_fg = int(rng.integers(1, max_fg + 1))
-    idx = rng.choice(len(rows), size=n_fg, replace=len(rows) < n_fg)
-    points = [(float(cols[i]), float(rows[i])) for i in idx]
-    labels = [1] * n_fg
-    if rng.random() < bg_prob:
-        brows, bcols = np.nonzero(~mask)
-        if len(brows):
-            i = int(rng.integers(len(brows)))
-            points.append((float(bcols[i]), float(brows[i])))
-            labels.append(0)
-    return np.array(points, dtype=np.float32).reshape(-1, 2), np.array(labels, dtype=np.int64)
-
-
-def sample_prompt(mask: np.ndarray, rng: np.random.Generator, shares: Dict[str, float], max_jitter: int = 20):
-    """(kind, Prompt) for one box-decoder training step; kinds: box, box_clicks, clicks."""
-    kinds = list(shares)
-    p = np.array([shares[k] for k in kinds], dtype=np.float64)
-    kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
-    h, w = mask.shape
-    if kind == "clicks":
-        pts, lab = sample_clicks(mask, rng)
-        return kind, Prompt(points=pts, labels=lab)
-    box = jitter_box(mask_box(mask), rng, max_jitter, h, w)
-    if kind == "box_clicks":
-        pts, lab = sample_clicks(mask, rng)
-        return kind, Prompt(box=box, points=pts, labels=lab)
-    return "box", Prompt(box=box)
-
-
-# ---- embedding cache -------------------------------------------------------------------------------------------
-class EmbeddingCache:
-    """Image embeddings on disk: ``<dir>/<encoder>/<image hash>[_flip].pt``."""
-
-    def __init__(self, cache_dir: str, predictor: SamPredictor):
-        self.predictor = predictor
-        self.dir = os.path.join(cache_dir, predictor.encoder_key)  # encoder weights + preprocessing
-        os.makedirs(self.dir, exist_ok=True)
-        self.hits = 0
-        self.misses = 0
-
-    def path(self, image: np.ndarray, flipped: bool) -> str:
-        return os.path.join(self.dir, SamPredictor.image_key(image) + ("_flip" if flipped else "") + ".pt")
-
-    def get(self, image: np.ndarray, flipped: bool = False) -> ImageEmbedding:
-        """``image`` is the unflipped frame; the flipped embedding is of ``image[:, ::-1]``."""
-        path = self.path(image, flipped)
-        if os.path.isfile(path):
-            try:
-                d = torch.load(path, map_location="cpu", weights_only=True)
-                self.hits += 1
-                return ImageEmbedding(
-                    features=d["features"].float(),
-                    original_hw=tuple(int(v) for v in d["original_hw"]),
-                    input_hw=tuple(int(v) for v in d["input_hw"]),
-                )
-            except Exception as e:  # an unreadable entry is recomputed, never trusted
-                logger.warning(f"embedding cache entry {path} unreadable ({e}); recomputing")
-        self.misses += 1
-        frame = np.ascontiguousarray(image[:, ::-1]) if flipped else image
-        emb = self.predictor.encode([frame])[0]
-        emb = ImageEmbedding(features=emb.features.detach().cpu().clone(), original_hw=emb.original_hw, input_hw=emb.input_hw)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".pt")
-        os.close(fd)
-        try:
-            # float16 halves the disk use (4 MB -> 2 MB per LiteMedSAM image); the rounding is far below label noise
-            torch.save(
-                {
-                    "features": emb.features.half(),
-                    "original_hw": torch.tensor(emb.original_hw),
-                    "input_hw": torch.tensor(emb.input_hw),
-                },
-                tmp,
-            )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return ImageEmbedding(features=emb.features.half().float(), original_hw=emb.original_hw, input_hw=emb.input_hw)
 
 
 def load_samples(
@@ -231,6 +137,21 @@ def load_samples(
     return out
 
 
+def label_items(cases, label_dir: str) -> List[LabelledImage]:
+    """Trainer items from cases that load their own mask (``HC18Case``): every label written once as a 0/1 PNG
+    (some HC18 cases only have an outline, filled by ``load_mask``)."""
+    from PIL import Image
+
+    items = []
+    for c in cases:
+        path = os.path.join(label_dir, f"{c.image_id}.png")
+        if not os.path.exists(path):
+            with atomic_path(path) as tmp:
+                Image.fromarray(c.load_mask().astype(np.uint8)).save(tmp)
+        items.append(LabelledImage(c.image_id, c.image_path, path))
+    return items
+
+
 # ---- selection of training and validation images ---------------------------------------------------------------
 def split_items(items: Sequence[LabelledImage], cfg: TrainConfig):
     """(train, val): a seeded draw of ``max_real_labels`` real labels, ``val_split`` of them held out for
@@ -254,20 +175,20 @@ def split_items(items: Sequence[LabelledImage], cfg: TrainConfig):
 # ---- training --------------------------------------------------------------------------------------------------
 def low_res_target(predictor: SamPredictor, emb: ImageEmbedding, mask: np.ndarray) -> torch.Tensor:
     """The label on the decoder's low-resolution grid (the part covering the image), (1, 1, ch, cw)."""
-    ch, cw = predictor._low_res_hw(emb)
+    ch, cw = predictor.low_res_hw(emb)
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
     return (F.interpolate(t, size=(ch, cw), mode="area") > 0.5).float().to(predictor.device)
 
 
 def step_logits(predictor: SamPredictor, emb: ImageEmbedding, prompt: Prompt, decoder: Optional[nn.Module] = None):
     """Low-resolution logits cropped to the image part, with gradients, (1, 1, ch, cw). An empty prompt decodes
-    with no sparse prompt (the prompt-free head's input)."""
+    with no sparse prompt (the automatic head's input)."""
     boxes = None if prompt.box is None else np.array([prompt.box])
     pts = prompt.points if len(prompt.points) else None
     logits, _ = predictor.decode_with_grad(
         emb, boxes=boxes, points=pts, labels=prompt.labels if pts is not None else None, decoder=decoder
     )
-    ch, cw = predictor._low_res_hw(emb)
+    ch, cw = predictor.low_res_hw(emb)
     return logits[:, :1, :ch, :cw]
 
 
@@ -289,8 +210,8 @@ def fixed_val_prompts(samples: List[List[Sample]], seed: int, max_jitter: int):
 
 
 @torch.no_grad()
-def validate(predictor: SamPredictor, samples: List[List[Sample]], boxes, prompt_free: bool = True) -> Dict[str, float]:
-    """Mean full-resolution Dice with the fixed jittered box, and prompt-free: the prompt-free head's pipeline when
+def validate(predictor: SamPredictor, samples: List[List[Sample]], boxes, automatic: bool = True) -> Dict[str, float]:
+    """Mean full-resolution Dice with the fixed jittered box, and automatic: the automatic head's pipeline when
     the model has one (without its fallback), else the box search (:meth:`SamPredictor.predict_automatic`)."""
     # MONAI's functional compute_dice: DiceMetric's aggregate would all-gather across DDP ranks, and only rank 0
     # validates
@@ -307,14 +228,14 @@ def validate(predictor: SamPredictor, samples: List[List[Sample]], boxes, prompt
         ref = torch.from_numpy(s.mask)[None, None].float()
         logits, _ = predictor.decode_with_grad(emb, boxes=np.array([box]))
         box_scores.append(dice(predictor.upscale(emb, logits[:, :1]) > 0, ref))
-        if prompt_free:
+        if automatic:
             # the head's own answer, without the box-search fallback: an untrained head that finds nothing here
             # must not win on the fallback's merit (it finds garbage on other images)
-            free = predictor._auto(emb) if predictor.auto_decoder is not None else predictor.predict_automatic(emb)
+            free = box_search.automatic_head(predictor, emb) if predictor.automatic_decoder is not None else predictor.predict_automatic(emb)
             free_scores.append(dice(torch.from_numpy(free.mask)[None, None], ref))
     out = {"val_dice": float(np.mean(box_scores))}
-    if prompt_free:
-        out["val_dice_prompt_free"] = float(np.mean(free_scores))
+    if automatic:
+        out["val_dice_automatic"] = float(np.mean(free_scores))
     return out
 
 
@@ -336,8 +257,8 @@ def prepare_trainable(predictor: SamPredictor, cfg: TrainConfig) -> Dict[str, nn
     for p in net.parameters():
         p.requires_grad_(False)
     heads = {"mask_decoder": net.mask_decoder}
-    if cfg.prompt_free_head:
-        heads[AUTO_DECODER] = attach_auto_decoder(net)  # continues from a served head, else a decoder copy
+    if cfg.automatic_head:
+        heads[AUTOMATIC_DECODER] = attach_automatic_decoder(net)  # continues from a served head, else a decoder copy
     for m in heads.values():
         for p in m.parameters():
             p.requires_grad_(True)
@@ -382,26 +303,119 @@ def finish_encoder(predictor: SamPredictor, cfg: TrainConfig) -> None:
 
 
 class SampleLosses(nn.Module):
-    """The training losses of one sample: the box decoder's with the drawn prompt, plus the prompt-free head's
+    """The training losses of one sample: the box decoder's with the drawn prompt, plus the automatic head's
     with no prompt. A module so that DistributedDataParallel can wrap the step."""
 
-    def __init__(self, predictor: SamPredictor, prompt_free: bool):
+    def __init__(self, predictor: SamPredictor, automatic: bool):
         super().__init__()
         from monai.losses import DiceCELoss
 
         self.model = predictor.model  # registered, so DDP finds the trainable parameters
         self.predictor = predictor
-        self.prompt_free = prompt_free
+        self.automatic = automatic
         self.loss_fn = DiceCELoss(sigmoid=True)
 
     def forward(self, s: Sample, prompt: Prompt) -> Tuple[torch.Tensor, torch.Tensor]:
         emb = sample_embedding(self.predictor, s)
         target = low_res_target(self.predictor, emb, s.mask)
         box_loss = self.loss_fn(step_logits(self.predictor, emb, prompt), target)
-        if not self.prompt_free:
+        if not self.automatic:
             return box_loss, torch.zeros(())
-        auto = getattr(self.model, AUTO_DECODER)
+        auto = getattr(self.model, AUTOMATIC_DECODER)
         return box_loss, self.loss_fn(step_logits(self.predictor, emb, Prompt(), decoder=auto), target)
+
+
+def run_epoch(predictor: SamPredictor, step: nn.Module, opt: torch.optim.Optimizer, train: List[List[Sample]],
+              order: np.ndarray, rng: np.random.Generator, cfg: TrainConfig, desc: str, distributed: bool,
+              quiet: bool) -> Tuple[float, float]:
+    """One pass over ``train`` in ``order``, in batches; returns the mean box and automatic losses."""
+    bs = max(1, int(cfg.train_batch_size))
+    losses, automatic_losses = [], []
+    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+    for batch in tqdm(batches, desc=desc, unit="batch", mininterval=5, disable=quiet):
+        opt.zero_grad(set_to_none=True)
+        batch_loss = batch_automatic = 0.0
+        for j, k in enumerate(batch):
+            variants = train[k]
+            s = variants[int(rng.integers(len(variants)))]  # flipped or not, when both exist
+            _, prompt = sample_prompt(s.mask, rng, cfg.prompt_shares, cfg.max_jitter)
+            # gradients are all-reduced once per batch, at its last sample
+            sync = contextlib.nullcontext() if not distributed or j == len(batch) - 1 else step.no_sync()
+            with sync:
+                box_loss, automatic_loss = step(s, prompt)
+                ((box_loss + automatic_loss) / len(batch)).backward()
+            batch_loss += float(box_loss.detach()) / len(batch)
+            batch_automatic += float(automatic_loss.detach()) / len(batch)
+        opt.step()
+        losses.append(batch_loss)
+        automatic_losses.append(batch_automatic)
+    return (float(np.mean(losses)), float(np.mean(automatic_losses))) if losses else (float("nan"), float("nan"))
+
+
+class BestEpochs:
+    """Each trained module's best epoch and weights, by its own validation metric (the automatic head by automatic
+    Dice; the box decoder, and an encoder trained with it, by box Dice; the training loss without validation)."""
+
+    def __init__(self, heads: Dict[str, nn.Module]):
+        self.heads = heads
+        self.best = {name: (-np.inf, 0, None) for name in heads}  # (metric, epoch, state)
+
+    @staticmethod
+    def metric(name: str, record: dict) -> float:
+        if name == AUTOMATIC_DECODER:
+            return record.get("val_dice_automatic", -record["loss_automatic"])
+        return record.get("val_dice", -record["loss"])
+
+    def update(self, record: dict) -> List[str]:
+        improved = []
+        for name, module in self.heads.items():
+            metric = self.metric(name, record)
+            if metric > self.best[name][0]:
+                self.best[name] = (metric, record["epoch"], copy.deepcopy(module.state_dict()))
+                improved.append(name)
+        return improved
+
+    def restore(self) -> None:
+        for name, module in self.heads.items():
+            if self.best[name][2] is not None:
+                module.load_state_dict(self.best[name][2])
+
+    def drop(self, name: str) -> None:
+        del self.heads[name], self.best[name]
+
+    def epochs(self) -> Dict[str, int]:
+        return {name: b[1] for name, b in self.best.items()}
+
+
+def keep_automatic_head(predictor: SamPredictor, best: BestEpochs, before: dict, n_val: int) -> None:
+    """Drop an automatic head that validates worse than the box search it replaces (too few labels or epochs), or
+    that was validated on too few images to tell (a head that won on 2 validation images scored 0.53 vs the box
+    search's 0.69 on test images): the served model then falls back to the box search."""
+    if AUTOMATIC_DECODER not in best.heads or "val_dice_automatic" not in before:
+        return
+    metric = best.best[AUTOMATIC_DECODER][0]
+    if n_val >= MIN_VAL_IMAGES_FOR_HEAD and metric > before["val_dice_automatic"]:
+        return
+    logger.info(
+        f"automatic head dropped: best val Dice {metric:.4f} vs box search {before['val_dice_automatic']:.4f} on "
+        f"{n_val} validation images (kept only if better, on at least {MIN_VAL_IMAGES_FOR_HEAD})"
+    )
+    delattr(predictor.model, AUTOMATIC_DECODER)
+    best.drop(AUTOMATIC_DECODER)
+
+
+def training_summary(history: List[dict], best_epochs: Dict[str, int], before: dict, trained: List[str]) -> dict:
+    """The run's summary: history, each module's best epoch, and the figures of the model as saved."""
+    best_epoch = best_epochs.get("mask_decoder", 0)
+    best_record = dict(next((r for r in history if r["epoch"] == best_epoch), {}))
+    if AUTOMATIC_DECODER in best_epochs:  # the automatic figure of the automatic head's own best epoch
+        automatic_record = next((r for r in history if r["epoch"] == best_epochs[AUTOMATIC_DECODER]), {})
+        if "val_dice_automatic" in automatic_record:
+            best_record["val_dice_automatic"] = automatic_record["val_dice_automatic"]
+    elif "val_dice_automatic" in before:  # no head kept: automatic requests get the box search
+        best_record["val_dice_automatic"] = before["val_dice_automatic"]
+    return {"history": history, "best_epoch": best_epoch, "best_epochs": best_epochs, "best": best_record,
+            "before": before, "trained": sorted(trained)}
 
 
 def train_decoder(
@@ -412,7 +426,7 @@ def train_decoder(
     on_epoch: Optional[Callable[[dict], None]] = None,
     rank: int = 0,
 ) -> dict:
-    """Fine-tune ``predictor.model`` in place (the box decoder, the prompt-free head, and the encoder when
+    """Fine-tune ``predictor.model`` in place (the box decoder, the automatic head, and the encoder when
     ``cfg.train_encoder`` says so); each head's best epoch is loaded at the end. Under DDP (``world_size > 1``,
     process group initialised) this rank trains on its shard; only rank 0 validates and its summary counts.
 
@@ -425,13 +439,13 @@ def train_decoder(
     order_rng = np.random.default_rng(cfg.seed) if distributed else rng
     validating = bool(val) and rank == 0
     val_boxes = fixed_val_prompts(val, cfg.seed, cfg.max_jitter) if validating else []
-    before = validate(predictor, val, val_boxes) if validating else {}  # zero-shot: prompt-free is the box search
+    before = validate(predictor, val, val_boxes) if validating else {}  # zero-shot: automatic is the box search
     if before:
         logger.info(f"before training: {_fmt(before)}")
     heads = prepare_trainable(predictor, cfg)
     params = [p for m in heads.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    step = SampleLosses(predictor, cfg.prompt_free_head)
+    step = SampleLosses(predictor, cfg.automatic_head)
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -440,37 +454,16 @@ def train_decoder(
             step, device_ids=[predictor.device.index] if predictor.device.type == "cuda" else None,
             find_unused_parameters=True,
         )
-    # which validation metric picks each module's best epoch (a trained encoder goes with the box decoder)
-    selectors = {name: ("val_dice_prompt_free" if name == AUTO_DECODER else "val_dice") for name in heads}
-    best = {name: (-np.inf, 0, None) for name in heads}  # (metric, epoch, state)
+    best = BestEpochs(heads)
     history, shards = [], None
-    bs = max(1, int(cfg.train_batch_size))
     for epoch in range(1, cfg.max_epochs + 1):
         t0 = time.time()
         set_train_mode(predictor, heads, True)
         order = order_rng.permutation(len(train))
         if distributed:  # DistributedSampler's scheme: pad to a multiple of world_size, then stride
             order = np.concatenate([order, order[: (-len(order)) % cfg.world_size]])[rank :: cfg.world_size]
-        losses, auto_losses = [], []
-        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
-        for batch in tqdm(batches, desc=f"epoch {epoch}/{cfg.max_epochs}", unit="batch", mininterval=5, disable=rank > 0):
-            opt.zero_grad(set_to_none=True)
-            batch_loss = batch_auto = 0.0
-            for j, k in enumerate(batch):
-                variants = train[k]
-                s = variants[int(rng.integers(len(variants)))]  # flipped or not, when both exist
-                _, prompt = sample_prompt(s.mask, rng, cfg.prompt_shares, cfg.max_jitter)
-                # gradients are all-reduced once per batch, at its last sample
-                sync = contextlib.nullcontext() if not distributed or j == len(batch) - 1 else step.no_sync()
-                with sync:
-                    box_loss, auto_loss = step(s, prompt)
-                    ((box_loss + auto_loss) / len(batch)).backward()
-                batch_loss += float(box_loss.detach()) / len(batch)
-                batch_auto += float(auto_loss.detach()) / len(batch)
-            opt.step()
-            losses.append(batch_loss)
-            auto_losses.append(batch_auto)
-        mean_losses = torch.tensor([np.mean(losses), np.mean(auto_losses)] if losses else [np.nan, np.nan])
+        mean_losses = torch.tensor(run_epoch(predictor, step, opt, train, order, rng, cfg,
+                                             f"epoch {epoch}/{cfg.max_epochs}", distributed, quiet=rank > 0))
         if distributed:
             import torch.distributed as dist
 
@@ -480,55 +473,25 @@ def train_decoder(
             shards = [None] * cfg.world_size  # which images each rank trained on this epoch (for the summary)
             dist.all_gather_object(shards, [train[k][0].image_id for k in order])
         record = {"epoch": epoch, "loss": float(mean_losses[0]), "seconds": round(time.time() - t0, 2)}
-        if cfg.prompt_free_head:
-            record["loss_prompt_free"] = float(mean_losses[1])
+        if cfg.automatic_head:
+            record["loss_automatic"] = float(mean_losses[1])
         if rank > 0:
             continue
         if val:
-            record.update(validate(predictor, val, val_boxes, prompt_free=cfg.prompt_free_head))
-        improved = []
-        for name, module in heads.items():
-            metric = record.get(selectors[name], -record["loss_prompt_free" if name == AUTO_DECODER else "loss"])
-            if metric > best[name][0]:
-                best[name] = (metric, epoch, copy.deepcopy(module.state_dict()))
-                improved.append(name)
+            record.update(validate(predictor, val, val_boxes, automatic=cfg.automatic_head))
+        improved = best.update(record)
         history.append(record)
         logger.info(f"epoch {epoch}/{cfg.max_epochs} {_fmt(record)}" + (f" *best {', '.join(improved)}*" if improved else ""))
         if on_epoch:
             on_epoch(record)
     if rank == 0:
-        for name, module in heads.items():
-            if best[name][2] is not None:
-                module.load_state_dict(best[name][2])
-        # a prompt-free head that validates worse than the box search it replaces is not kept (too few labels or
-        # epochs), nor one validated on too few images to tell (a head that won on 2 validation images scored 0.53
-        # vs the box search's 0.69 on test images): the served model then falls back to the box search
-        n_val = len(val) if validating else 0
-        if AUTO_DECODER in heads and "val_dice_prompt_free" in before and (
-            n_val < MIN_VAL_IMAGES_FOR_HEAD or best[AUTO_DECODER][0] <= before["val_dice_prompt_free"]
-        ):
-            logger.info(
-                f"prompt-free head dropped: best val Dice {best[AUTO_DECODER][0]:.4f} vs box search "
-                f"{before['val_dice_prompt_free']:.4f} on {n_val} validation images (kept only if better, on at "
-                f"least {MIN_VAL_IMAGES_FOR_HEAD})"
-            )
-            delattr(predictor.model, AUTO_DECODER)
-            del heads[AUTO_DECODER], best[AUTO_DECODER]
+        best.restore()
+        keep_automatic_head(predictor, best, before, len(val) if validating else 0)
     finish_encoder(predictor, cfg)
     set_train_mode(predictor, heads, False)
     for p in predictor.model.parameters():
         p.requires_grad_(False)
-    best_epochs = {name: b[1] for name, b in best.items()}
-    best_epoch = best_epochs.get("mask_decoder", 0)
-    best_record = dict(next((r for r in history if r["epoch"] == best_epoch), {}))
-    if AUTO_DECODER in best_epochs:  # the prompt-free figure of the prompt-free head's own best epoch
-        auto_record = next((r for r in history if r["epoch"] == best_epochs[AUTO_DECODER]), {})
-        if "val_dice_prompt_free" in auto_record:
-            best_record["val_dice_prompt_free"] = auto_record["val_dice_prompt_free"]
-    elif "val_dice_prompt_free" in before:  # no head kept: prompt-free requests get the box search
-        best_record["val_dice_prompt_free"] = before["val_dice_prompt_free"]
-    summary = {"history": history, "best_epoch": best_epoch, "best_epochs": best_epochs, "best": best_record,
-               "before": before, "trained": sorted(heads)}
+    summary = training_summary(history, best.epochs(), before, list(heads))
     if distributed:
         summary["last_epoch_shards"] = shards
     return summary
@@ -545,28 +508,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, cfg, net, image_size, normalization, device, train_items, val_items, cache_dir, result_path):
+@dataclass
+class DDPJob:
+    """What each DDP process needs (picklable: ``torch.multiprocessing.spawn`` sends it to every rank)."""
+
+    cfg: TrainConfig
+    net: nn.Module  # the base weights, on the CPU
+    image_size: int
+    normalization: str
+    device_type: str  # "cuda" or "cpu"
+    train_items: List[LabelledImage]
+    val_items: List[LabelledImage]
+    cache_dir: str
+    result_path: str  # where rank 0 writes its weights and summary
+
+
+def _ddp_worker(rank: int, job: DDPJob) -> None:
     """One DDP process: its own predictor on its own device, samples from the shared disk cache."""
     import torch.distributed as dist
 
+    cfg = job.cfg
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s")
-    cuda = device.startswith("cuda")
+    cuda = job.device_type.startswith("cuda")
     if cuda:
         torch.cuda.set_device(rank)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.world_size))  # the ranks share the cores
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=cfg.world_size)
     try:
-        predictor = SamPredictor(net, image_size, normalization, device=f"cuda:{rank}" if cuda else "cpu")
-        cache = EmbeddingCache(cache_dir, predictor) if cfg.train_encoder == "frozen" else None
-        train = load_samples(train_items, cache, cfg.flip, desc=f"load train (rank {rank})")
-        val = load_samples(val_items, cache, False, desc="load val") if rank == 0 else []
+        predictor = SamPredictor(job.net, job.image_size, job.normalization, device=f"cuda:{rank}" if cuda else "cpu")
+        cache = EmbeddingCache(job.cache_dir, predictor) if cfg.train_encoder == "frozen" else None
+        train = load_samples(job.train_items, cache, cfg.flip, desc=f"load train (rank {rank})")
+        val = load_samples(job.val_items, cache, False, desc="load val") if rank == 0 else []
         summary = train_decoder(predictor, train, val, cfg, rank=rank)
         summary["ranks"] = cfg.world_size
         if rank == 0:
             state = {k: v.detach().cpu() for k, v in predictor.model.state_dict().items()}
-            torch.save({"state_dict": state, "summary": summary}, result_path)
+            torch.save({"state_dict": state, "summary": summary}, job.result_path)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -585,15 +564,12 @@ def train_distributed(
     net = copy.deepcopy(predictor.model).cpu()
     with tempfile.TemporaryDirectory(prefix="fetal_head_ddp_") as tmp:
         result_path = os.path.join(tmp, "rank0.pt")
-        mp.spawn(
-            _ddp_worker,
-            args=(cfg, net, predictor.image_size, predictor.normalization, predictor.device.type, list(train_items),
-                  list(val_items), cache_dir, result_path),
-            nprocs=cfg.world_size, join=True,
-        )
+        job = DDPJob(cfg, net, predictor.image_size, predictor.normalization, predictor.device.type,
+                     list(train_items), list(val_items), cache_dir, result_path)
+        mp.spawn(_ddp_worker, args=(job,), nprocs=cfg.world_size, join=True)
         result = torch.load(result_path, map_location="cpu", weights_only=True)
-    if any(k.startswith(AUTO_DECODER + ".") for k in result["state_dict"]):
-        attach_auto_decoder(predictor.model)
+    if any(k.startswith(AUTOMATIC_DECODER + ".") for k in result["state_dict"]):
+        attach_automatic_decoder(predictor.model)
     predictor.model.load_state_dict(result["state_dict"], strict=True)
     predictor.model.to(predictor.device).eval()
     for p in predictor.model.parameters():
@@ -649,8 +625,8 @@ def checkpoint_meta(summary: dict, base_version: str) -> dict:
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "base_version": base_version,
         "trained": trained,
-        # how the served model answers prompt-free requests: its trained head, or (None) the box search
-        "prompt_free": AUTO_DECODER if AUTO_DECODER in trained else None,
+        # how the served model answers automatic requests: its trained head, or (None) the box search
+        "automatic": AUTOMATIC_DECODER if AUTOMATIC_DECODER in trained else None,
         "train_encoder": summary["config"].get("train_encoder", "frozen"),
         "labels_used": summary["train_images"],
         "validation_images": summary["val_images"],
@@ -661,31 +637,3 @@ def checkpoint_meta(summary: dict, base_version: str) -> dict:
         "history": summary["history"],
         "options": summary["config"],
     }
-
-
-# ---- evaluation (scripts and tests) ----------------------------------------------------------------------------
-def evaluate(
-    predictor: SamPredictor, cases, seed: int = 0, max_jitter: int = 20, modes=("box", "prompt_free"),
-    cache: Optional[EmbeddingCache] = None,
-) -> dict:
-    """Mean full-resolution Dice on HC18 cases (``HC18Case``) through ``predictor.predict``, the served path.
-    ``cache``: take the embeddings from this disk cache (computed once there) instead of encoding each time."""
-    from monai.metrics import compute_dice
-
-    rng = np.random.default_rng(seed)
-    scores = {m: [] for m in modes}
-    for c in tqdm(cases, desc="evaluate", unit="image", mininterval=5):
-        image = read_image(c.image_path)
-        ref = c.load_mask()
-        box = jitter_box(mask_box(ref), rng, max_jitter, *ref.shape)
-        if cache is not None and cache.predictor.encoder_key == predictor.encoder_key:
-            predictor.remember(image, cache.get(image))
-        for m in modes:
-            prompt = Prompt(box=box) if m == "box" else Prompt()
-            pred = predictor.predict(image, prompt).mask
-            d = compute_dice(
-                torch.from_numpy(pred)[None, None].float(), torch.from_numpy(ref)[None, None].float(),
-                include_background=True, ignore_empty=False,
-            )
-            scores[m].append(float(d[0, 0]))
-    return {m: float(np.mean(v)) for m, v in scores.items()}

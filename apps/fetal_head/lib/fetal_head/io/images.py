@@ -13,53 +13,12 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-MIN_SIDE = 2  # a prompt needs at least a 2x2 grid; a 1x1 "image" is refused with a message
-MAX_PIXELS = 64_000_000  # guard against decompression bombs; far above any ultrasound frame
+from .common import MAX_PIXELS, MIN_SIDE, ImageReadError, to_gray_uint8
 
-
-class ImageReadError(ValueError):
-    """The file is not a usable 2D image (corrupt, empty, truncated, unsupported)."""
-
-
-def to_gray_uint8(array: np.ndarray) -> np.ndarray:
-    """Any 2D frame (gray, RGB, RGBA; 8/16-bit, float) as (H, W) uint8."""
-    a = np.asarray(array)
-    if a.ndim == 3 and a.shape[-1] in (1, 2, 3, 4):
-        channels = a.shape[-1]
-        if channels in (2, 4):  # drop alpha
-            a = a[..., : channels - 1]
-        if a.shape[-1] == 3:
-            # Ultrasound screen captures are mostly gray with coloured overlays; luminance keeps the anatomy.
-            a = a.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        else:
-            a = a[..., 0]
-    if a.ndim != 2:
-        raise ImageReadError(f"expected a 2D image (gray or colour), got an array of shape {np.asarray(array).shape}")
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == bool:
-        return a.astype(np.uint8) * 255
-    a = a.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise ImageReadError("the image contains NaN or infinite values")
-    if np.asarray(array).dtype == np.uint8 or (
-        np.issubdtype(np.asarray(array).dtype, np.integer) and a.min() >= 0 and a.max() <= 255
-    ):
-        return np.clip(np.round(a), 0, 255).astype(np.uint8)  # already 8-bit values (e.g. RGB -> luminance)
-    lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        return np.zeros(a.shape, dtype=np.uint8)
-    return np.round((a - lo) / (hi - lo) * 255).astype(np.uint8)
-
-
-def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Read a PNG/JPEG/TIFF/BMP frame as (H, W) uint8; DICOM files and series directories go through
-    :func:`fetal_head.dicom_us.read_ultrasound`."""
+def read_bitmap(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Read a PNG/JPEG/TIFF/BMP frame as (H, W) uint8 (DICOM goes through :mod:`fetal_head.io.dicom_us`; the
+    dispatcher that picks one by content is :func:`fetal_head.io.readers.read_image`)."""
     path = os.fspath(path)
-    if _is_dicom(path):
-        from .dicom_us import read_ultrasound
-
-        return read_ultrasound(path).pixels
     if not os.path.isfile(path):
         raise ImageReadError(f"image file not found: {path}")
     if os.path.getsize(path) == 0:
@@ -84,32 +43,6 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     if min(gray.shape) < MIN_SIDE:
         raise ImageReadError(f"image of {gray.shape[1]}x{gray.shape[0]} pixels is too small to segment")
     return gray
-
-
-def _is_dicom(path: str) -> bool:
-    from .dicom_us import is_dicom_file
-
-    return os.path.isdir(path) or (os.path.isfile(path) and is_dicom_file(path))
-
-
-def read_frame(
-    path: Union[str, os.PathLike], frame: Optional[int] = None
-) -> Tuple[np.ndarray, Optional[tuple], Optional[dict]]:
-    """(pixels, (x, y) pixel size in mm or None, calibration) of an image file or DICOM series.
-
-    Only DICOM carries its own calibration: ``{"source", "note", "pixel_spacing_mm", "frame_index", "n_frames"}``
-    (:meth:`fetal_head.dicom_us.UltrasoundFrame.calibration_dict`); for other files it is None (the pixel size
-    comes from the datastore or the request). ``frame`` (0-based) picks a frame of a multi-frame DICOM.
-    """
-    path = os.fspath(path)
-    if _is_dicom(path):
-        from .dicom_us import read_ultrasound
-
-        us = read_ultrasound(path, frame=frame)
-        return us.pixels, us.pixel_spacing_mm, us.calibration_dict()
-    if frame not in (None, 0):
-        raise ImageReadError(f"frame {frame} requested, but this image has a single frame (index 0)")
-    return read_image(path), None, None
 
 
 ITK_LABEL_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")  # Slicer submits labelmaps as .nrrd

@@ -138,7 +138,7 @@ def read_folder_provenance(folder: str) -> Dict[str, dict]:
 
 def import_folder(ds, folder: str) -> Tuple[List[str], List[str]]:
     """Add a folder written by :func:`write_pair_to_folder` to a datastore; returns (added, skipped existing)."""
-    from .images import read_image, read_mask
+    from ..io import read_image, read_mask
 
     added, skipped = [], []
     for image_id, provenance in read_folder_provenance(folder).items():

@@ -1,6 +1,6 @@
 """A statistical shape model of real fetal heads: where the head ellipse sits, how big and how tilted it is.
 
-The mask-conditioned diffusion scheme (:mod:`fetal_head.diffusion`) draws its masks from here, so every synthetic
+The mask-conditioned diffusion scheme (:mod:`fetal_head.synthesis.diffusion`) draws its masks from here, so every synthetic
 mask is a single filled ellipse by construction and only the image has to be generated.
 
 Parameters are fitted per real mask with :func:`fetal_head.biometry.measure_head` (``boundary_offset_px=0``: the
@@ -24,7 +24,7 @@ from typing import Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-from .biometry import BiometryError, HeadBiometry, ellipse_mask, measure_head
+from ..biometry import BiometryError, HeadBiometry, ellipse_mask, measure_head
 
 
 @dataclass

@@ -5,15 +5,15 @@ The experiment, cell by cell:
 
 - A *cell* is (arm, N, seed). ``zero-shot`` is the baseline (LiteMedSAM as shipped, one cell). ``real``: N labels
   drawn from the HC18 pool split with ``seed`` (the same draw as ``scripts/train_sam.py``), SAM's mask decoder
-  fine-tuned on them (:func:`fetal_head.training.finetune`, 20 % of the N held out for its best-epoch selection).
+  fine-tuned on them (:func:`fetal_head.segmentation.training.finetune`, 20 % of the N held out for its best-epoch selection).
   ``real+synthetic``: the same N labels, plus synthetic pairs from a diffusion generator trained on those N pairs
-  only (:func:`fetal_head.synthetic_data.train_generator`), sampled and quality-controlled by the synthesis API
+  only (:func:`fetal_head.synthesis.pipeline.train_generator`), sampled and quality-controlled by the synthesis API
   (QC's SAM gate uses the zero-shot model, which never saw a test image) and mixed in with the trainer's
   ``synthetic_share``. Both arms of a (N, seed) get the same number of optimizer steps, so synthetic pairs
   compete on data, not on compute.
 - Every cell is evaluated on the test split (157 images) at full resolution through ``SamPredictor.predict``
   (the served path, loaded from the saved checkpoint as the server would), in two modes: ``box`` (Slicer-style
-  box from the reference mask, each side grown by 0-20 px, the same boxes for every cell) and ``prompt_free``.
+  box from the reference mask, each side grown by 0-20 px, the same boxes for every cell) and ``automatic``.
 - Per image: Dice (MONAI ``compute_dice``), HD95 in mm (MONAI ``compute_hausdorff_distance``, percentile 95,
   the image's pixel size as spacing) and the HC absolute difference in mm (ellipse fit,
   :func:`fetal_head.biometry.measure_head`, against the HC18 CSV). An empty prediction scores Dice 0, HD95 = the
@@ -48,26 +48,30 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .biometry import BiometryError, ellipse_mask, measure_head
-from .hc18 import HC18Case, read_cases
-from .images import read_image
-from .model_store import LITEMEDSAM, ModelSource, save_finetuned
-from .sam import Prompt, SamPredictor
-from .training import EmbeddingCache, LabelledImage, TrainConfig, checkpoint_meta, finetune, jitter_box, mask_box
+from ..biometry import BiometryError, ellipse_mask, measure_head
+from ..files import atomic_json
+from ..io import read_image
+from ..io.hc18 import HC18Case, read_cases
+from ..segmentation.embedding_cache import EmbeddingCache
+from ..segmentation.model_store import ModelSource, save_finetuned
+from ..segmentation.models import LITEMEDSAM
+from ..segmentation.predictor import SamPredictor
+from ..segmentation.prompts import AUTOMATIC
+from ..segmentation.training import LabelledImage, TrainConfig, checkpoint_meta, finetune, label_items
+from .core import METRICS, TestImage, evaluate, image_metrics, load_test_images, warm_embeddings
 
 logger = logging.getLogger(__name__)
 
 ZERO_SHOT, REAL, REAL_SYNTHETIC = "zero-shot", "real", "real+synthetic"
 ARMS = (REAL, REAL_SYNTHETIC)
-MODES = ("box", "prompt_free")
+MODES = ("box", AUTOMATIC)  # the benchmark's modes (the core also has "click")
 NOT_RUN_GPU = "needs GPU"
 NOT_RUN = "not run"
 MIN_GENERATOR_PAIRS = 3
-METRICS = ("dice", "hd95_mm", "hc_abs_diff_mm")
 # the issue's aims, checked in the summary: (metric, mode, N, arm, bound, direction)
 AIMS = (
     ("box Dice with 20 real labels", "dice", "box", 20, "best", 0.975, ">="),
-    ("prompt-free Dice with 20 real labels", "dice", "prompt_free", 20, "best", 0.97, ">="),
+    ("automatic Dice with 20 real labels", "dice", "automatic", 20, "best", 0.97, ">="),
     ("box HC mean abs. diff. with 20 real labels", "hc_abs_diff_mm", "box", 20, "best", 2.0, "<="),
 )
 
@@ -89,7 +93,7 @@ class BenchmarkConfig:
     learning_rate: float = 1e-4
     val_split: float = 0.2
     max_val_images: int = 0  # cap on the held-out labels (validation costs time every epoch); 0: no cap
-    # generator (fetal_head.diffusion.make_config name and overrides) and synthesis
+    # generator (fetal_head.synthesis.diffusion.make_config name and overrides) and synthesis
     diffusion_config: str = "default"
     diffusion_overrides: Dict[str, object] = field(default_factory=dict)
     synthetic_per_label: float = 4.0  # synthetic pairs generated per real training label
@@ -161,90 +165,18 @@ def make_config(name: str, **overrides) -> BenchmarkConfig:
     return replace(CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
-# ---- data ----------------------------------------------------------------------------------------------------
-@dataclass
-class TestImage:
-    case: HC18Case
-    image: np.ndarray  # (H, W) uint8
-    mask: np.ndarray  # (H, W) bool, the reference
-    box: Tuple[float, float, float, float]  # the jittered Slicer-style box, the same for every cell
+def evaluate_cell(predictor: SamPredictor, test: Sequence[TestImage], modes: Sequence[str], desc: str = "evaluate"):
+    """The core's rows, and the predicted masks bit-packed for the cell's file."""
+    rows, masks = evaluate(predictor, test, modes, desc=desc)
+    return rows, {k: np.packbits(m) for k, m in masks.items()}
 
 
+# ---- labels --------------------------------------------------------------------------------------------------
 def select_labels(pool: Sequence[HC18Case], n: int, seed: int) -> List[HC18Case]:
     """N pool cases drawn with ``seed`` (as scripts/train_sam.py draws them); N >= the pool: all of it."""
     rng = np.random.default_rng(seed)
     n = min(n, len(pool))
     return [pool[i] for i in sorted(rng.choice(len(pool), size=n, replace=False))]
-
-
-def label_items(cases: Sequence[HC18Case], label_dir: str) -> List[LabelledImage]:
-    """Trainer items; every label as a 0/1 PNG (some HC18 cases only have an outline, filled here once)."""
-    os.makedirs(label_dir, exist_ok=True)
-    items = []
-    for c in cases:
-        path = os.path.join(label_dir, f"{c.image_id}.png")
-        if not os.path.exists(path):
-            tmp = path + ".tmp.png"
-            Image.fromarray(c.load_mask().astype(np.uint8)).save(tmp)
-            os.replace(tmp, path)
-        items.append(LabelledImage(c.image_id, c.image_path, path))
-    return items
-
-
-def load_test_images(cases: Sequence[HC18Case], seed: int, max_jitter: int) -> List[TestImage]:
-    rng = np.random.default_rng(seed)  # boxes drawn in case order: identical for every cell
-    out = []
-    for c in cases:
-        mask = c.load_mask()
-        out.append(TestImage(c, read_image(c.image_path), mask, jitter_box(mask_box(mask), rng, max_jitter, *mask.shape)))
-    return out
-
-
-# ---- metrics -------------------------------------------------------------------------------------------------
-def image_metrics(pred: np.ndarray, ref: np.ndarray, pixel_size_mm: float, hc_ref_mm: float) -> dict:
-    """Dice, HD95 (mm) and HC absolute difference (mm) of one predicted mask against the reference.
-
-    An empty prediction (or one no ellipse fits) is a failure with finite penalties: HD95 = the image diagonal,
-    HC error = the reference HC."""
-    from monai.metrics import compute_dice, compute_hausdorff_distance
-
-    p = torch.as_tensor(np.asarray(pred, dtype=bool), dtype=torch.float32)[None, None]
-    r = torch.as_tensor(np.asarray(ref, dtype=bool), dtype=torch.float32)[None, None]
-    dice = float(compute_dice(p, r, include_background=True, ignore_empty=False)[0, 0])
-    h, w = ref.shape
-    found = bool(pred.any())
-    if found:
-        hd95 = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
-                                                spacing=pixel_size_mm)[0, 0])
-    else:
-        hd95 = math.hypot(h, w) * pixel_size_mm
-    try:
-        hc_mm = float(measure_head(pred, pixel_size_mm).hc_mm)
-    except BiometryError:
-        hc_mm, found = 0.0, False
-    return {"dice": dice, "hd95_mm": hd95, "hc_mm": hc_mm, "hc_ref_mm": float(hc_ref_mm),
-            "hc_abs_diff_mm": abs(hc_mm - hc_ref_mm), "head_found": found}
-
-
-def evaluate_cell(predictor: SamPredictor, test: Sequence[TestImage], modes: Sequence[str], desc: str = "evaluate"):
-    """Per-image metric rows and the predicted masks (bit-packed) of every test image in every mode."""
-    rows, packed = [], {}
-    for t in tqdm(test, desc=desc, unit="image", mininterval=10, leave=False):
-        for mode in modes:
-            prompt = Prompt(box=t.box) if mode == "box" else Prompt()
-            pred = predictor.predict(t.image, prompt).mask
-            packed[f"{mode}/{t.case.image_id}"] = np.packbits(pred)
-            rows.append({"mode": mode, "image": t.case.image_id,
-                         **image_metrics(pred, t.mask, t.case.pixel_size_mm, t.case.hc_mm)})
-    return rows, packed
-
-
-def warm_embeddings(predictor: SamPredictor, test: Sequence[TestImage], cache: EmbeddingCache) -> None:
-    """Put the test embeddings from the disk cache into the predictor's in-memory cache, so evaluating a cell
-    runs the decoder only (the encoder is frozen in every cell: one embedding serves them all)."""
-    predictor.cache_size = max(predictor.cache_size, len(test) + 16)
-    for t in tqdm(test, desc="test embeddings", unit="image", mininterval=10):
-        predictor.remember(t.image, cache.get(t.image))
 
 
 # ---- cells ---------------------------------------------------------------------------------------------------
@@ -315,10 +247,7 @@ class Benchmark:
     def _save_cell(self, arm, n, seed, rows, packed, info):
         np.savez_compressed(self.cell_path(arm, n, seed)[:-5] + "_pred.npz", **packed)
         record = {"arm": arm, "n_labels": n, "seed": seed, "rows": rows, **info}
-        tmp = self.cell_path(arm, n, seed) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, self.cell_path(arm, n, seed))  # a cell exists only when complete
+        atomic_json(record, self.cell_path(arm, n, seed))  # a cell exists only when complete
 
     def run_zero_shot(self) -> None:
         if self.done(ZERO_SHOT, 0, 0):
@@ -378,9 +307,9 @@ class Benchmark:
 
     def synthesize(self, items: List[LabelledImage], n: int, seed: int, n_train_real: int, qc_predictor: SamPredictor):
         """Train a generator on these N real pairs only, then sample QC-passed pairs: (items, info)."""
-        from .diffusion import make_config as make_diffusion_config
-        from .synthesis import SamplingOptions
-        from .synthetic_data import synthesize_into_folder, train_generator
+        from ..synthesis.diffusion import make_config as make_diffusion_config
+        from ..synthesis.pipeline import synthesize_into_folder, train_generator
+        from ..synthesis.sampling import SamplingOptions
 
         cfg = self.cfg
         folder = self.synthetic_folder(n, seed)
@@ -408,7 +337,7 @@ class Benchmark:
 
     def run(self, progress: bool = True) -> None:
         # seed by seed, so an interrupted CPU run has covered every N once before it repeats any; the baseline
-        # last (it is one cell, and its prompt-free mode is the slow box search)
+        # last (it is one cell, and its automatic mode is the slow box search)
         todo = sorted([(a, n, s) for a, n, s, status in self.cells() if not status],
                       key=lambda c: (c[0] == ZERO_SHOT, c[2], c[1], c[0]))
         bar = tqdm(todo, desc=f"benchmark {self.cfg.name}", unit="cell", disable=not progress)
@@ -613,8 +542,8 @@ def case_figure(bench: Benchmark, results, cell: Tuple[str, int, int], path: str
 
 def synthetic_sample_grid(bench: Benchmark, res: dict, path: str) -> None:
     """The cell's real labels over the synthetic pairs its generator made from them (realism.sample_grid)."""
-    from .images import read_mask
-    from .realism import sample_grid
+    from ..io import read_mask
+    from ..synthesis.realism import sample_grid
 
     real = [(read_image(c.image_path), c.load_mask()) for c in bench.pool if c.image_id in set(res["labels"][:4])]
     folder = bench.synthetic_folder(res["n_labels"], res["seed"])
@@ -678,7 +607,7 @@ def write_report(bench: Benchmark, out_dir: str, command: str = "", started: Opt
         f"{len(results)} of {sum(1 for c in bench.cells() if not c[3])} planned here "
         f"({sum(seconds) / 60:.0f} min of cell time)",
         f"- test: {len(bench.test_cases)} HC18 test-split images at full resolution; box = reference box, each side "
-        f"grown 0-{cfg.max_jitter} px (seed {cfg.eval_seed}); prompt-free = no prompt",
+        f"grown 0-{cfg.max_jitter} px (seed {cfg.eval_seed}); automatic = no prompt",
         f"- fine-tuning: mask decoder, {cfg.train_steps} optimizer steps per cell (batch {cfg.batch_size}, "
         f"epochs {cfg.min_epochs}-{cfg.max_epochs}), lr {cfg.learning_rate}, {int(100 * cfg.val_split)} % of the N "
         f"labels held out for best-epoch selection" + (f" (at most {cfg.max_val_images})" if cfg.max_val_images else ""),

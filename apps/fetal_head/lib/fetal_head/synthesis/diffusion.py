@@ -1,13 +1,13 @@
 """Denoising diffusion models of fetal head ultrasound image-mask pairs: configuration, model, schedulers,
-training data and the training loop with resumable checkpoints. Sampling lives in :mod:`fetal_head.synthesis`.
+training data and the training loop with resumable checkpoints. Sampling lives in :mod:`fetal_head.synthesis.sampling`.
 
 Two schemes:
 
 - ``joint`` (the paper's scheme): one UNet denoises 3 channels (image, image, mask), so every sample is a pair;
-  the mask is whatever the model draws and has to pass quality control (:mod:`fetal_head.quality`).
+  the mask is whatever the model draws and has to pass quality control (:mod:`fetal_head.synthesis.quality`).
 - ``mask_conditioned`` (the default): the UNet denoises the image only and sees the mask as a second input
   channel (channel concatenation: in_channels=2, out_channels=1). Masks come from a shape model of real heads
-  (:mod:`fetal_head.shape_model`), so each mask is one filled ellipse by construction and the image is generated
+  (:mod:`fetal_head.synthesis.shape_model`), so each mask is one filled ellipse by construction and the image is generated
   to match it. Why the default: image-mask consistency, the thing a segmentation trainer needs, is a conditioning
   signal the model is trained on rather than something two channels have to agree on by chance, and the mask
   distribution is controlled (fitted to real heads, no malformed masks to reject). Which scheme gives the more
@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from ..files import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def build_sampler(config: DiffusionConfig, name: Optional[str] = None):
 
 def load_pair(image_path: str, mask_path: str, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """One real pair at the model's resolution: image in [-1, 1] (1, S, S), mask in {-1, 1} (1, S, S)."""
-    from .images import read_image, read_mask
+    from ..io import read_image, read_mask
 
     image = torch.from_numpy(read_image(image_path)).float()[None, None] / 127.5 - 1.0
     mask = torch.from_numpy(read_mask(mask_path).astype(np.float32))[None, None]
@@ -191,16 +192,7 @@ def unet_forward(unet, config: DiffusionConfig, noisy: torch.Tensor, t: torch.Te
 
 def save_checkpoint(path: str, state: dict) -> None:
     """Atomic write: a killed run never leaves a half-written checkpoint where resume or sampling looks."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: str) -> dict:

