@@ -1,8 +1,11 @@
 """Turning click-only and no-prompt requests into box prompts.
 
 LiteMedSAM was trained on boxes, and a box around the head is what its decoder segments best (a lone click gives
-an empty mask zero-shot). Two routes, both ending in the box decoder:
+an empty mask zero-shot). Three routes, all ending in the box decoder:
 
+- :func:`localised`: a fine-tuned model's head localiser (:mod:`.localiser`, a small conv head on the image
+  embedding) gives the head's box (a foreground click picks the component that holds it, a background click
+  removes one); the box plus a margin goes to the box decoder, whose mask is re-boxed once more;
 - :func:`automatic_head`: a fine-tuned model's automatic head (a second mask decoder trained with no prompt) gives
   a coarse head mask; its largest component's box plus a margin goes to the box decoder, whose mask is re-boxed
   once more;
@@ -42,14 +45,13 @@ def image_centres(height: int, width: int) -> Sequence[Tuple[float, float]]:
 def automatic_head(predictor: "SamPredictor", emb: "ImageEmbedding") -> "Prediction":
     """The automatic head's coarse mask -> its box plus a margin -> the box decoder, re-boxed AUTOMATIC_REFINE
     times. Separate weights: box-prompt results are untouched."""
-    from .predictor import Prediction
-
     h, w = emb.original_hw
     ch, cw = predictor.low_res_hw(emb)
     logits, iou = predictor.decode(emb, decoder=predictor.automatic_decoder)
-    pred = Prediction(mask=np.zeros((h, w), dtype=bool), score=0.0, logits=logits[:1, :1])
+    pred = predictor.empty(emb)
+    coarse = logits[:1, :1]
     for _ in range(1 + AUTOMATIC_REFINE):
-        head = head_component((pred.logits[0, 0, :ch, :cw] > 0).cpu().numpy())
+        head = head_component((coarse[0, 0, :ch, :cw] > 0).cpu().numpy())
         if head is None:
             break
         rows, cols = np.nonzero(head)
@@ -59,13 +61,57 @@ def automatic_head(predictor: "SamPredictor", emb: "ImageEmbedding") -> "Predict
                min((cols.max() + 1) * sx - 1 + m, w - 1.0), min((rows.max() + 1) * sy - 1 + m, h - 1.0))
         logits, iou = predictor.decode(emb, boxes=np.array([box]))
         pred = predictor.finish(emb, logits, iou)
+        coarse = pred.logits
+    return pred
+
+
+@torch.inference_mode()
+def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt = Prompt()) -> Optional["Prediction"]:
+    """The localiser's box -> the box decoder, re-boxed AUTOMATIC_REFINE times; None when the localiser finds no
+    head (or none holding the foreground click). The answer's ``confidence`` says how sure the localiser was and
+    how well its own coarse head agrees with the decoder's."""
+    from .localiser import localise
+
+    h, w = emb.original_hw
+    fg = prompt.points[prompt.labels == 1] if len(prompt.points) else None
+    bg = prompt.points[prompt.labels == 0] if len(prompt.points) else None
+    loc = localise(predictor.localiser, emb.features, (h, w), emb.input_hw, fg, bg)
+    if loc.box is None:
+        return None
+    ch, cw = predictor.low_res_hw(emb)
+    box, pred = loc.box, None
+    m = AUTOMATIC_MARGIN_PX
+    for _ in range(1 + AUTOMATIC_REFINE):
+        box = (max(box[0] - m, 0.0), max(box[1] - m, 0.0), min(box[2] + m, w - 1.0), min(box[3] + m, h - 1.0))
+        logits, iou = predictor.decode(emb, boxes=np.array([box]))
+        pred = predictor.finish(emb, logits, iou)
+        to_low = np.array([cw / w, ch / h])
+        head = head_component((logits[0, 0, :ch, :cw] > 0).cpu().numpy(),
+                              None if fg is None else fg * to_low, None if bg is None else bg * to_low)
+        if head is None:
+            break
+        rows, cols = np.nonzero(head)
+        sx, sy = w / cw, h / ch
+        box = (cols.min() * sx, rows.min() * sy, (cols.max() + 1) * sx - 1, (rows.max() + 1) * sy - 1)
+    # the localiser's own head (model-input frame) against the decoder's answer, on the same grid
+    nh, nw = emb.input_hw
+    coarse = torch.from_numpy(loc.coarse_mask.astype(np.float32))[None, None]
+    final = torch.nn.functional.interpolate(torch.from_numpy(pred.mask.astype(np.float32))[None, None], size=(nh, nw),
+                                            mode="area")[0, 0].numpy() > 0.5
+    pred.confidence = {
+        "source": "localiser",
+        "localiser_score": round(loc.score, 4),
+        "localiser_head_prob": round(loc.head_prob, 4),
+        "localiser_centre_prob": round(loc.centre_prob, 4),
+        "localiser_candidates": loc.candidates,
+        "decoder_iou": round(pred.score, 4),
+        "localiser_decoder_dice": round(_dice(coarse[0, 0].numpy() > 0.5, final), 4),
+    }
     return pred
 
 
 def search(predictor: "SamPredictor", emb: "ImageEmbedding", centres, prompt: Prompt) -> "Prediction":
     """The best head among candidate boxes around ``centres`` (clicks in ``prompt`` select and exclude)."""
-    from .predictor import Prediction
-
     h, w = emb.original_hw
     boxes = []
     for cx, cy in centres:
@@ -92,8 +138,7 @@ def search(predictor: "SamPredictor", emb: "ImageEmbedding", centres, prompt: Pr
         box = (max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, w - 1), min(y1 + my, h - 1))
         cands.append((float(iou[i, 0]) * ellipse_likeness(head), head, box))
     if not cands:
-        empty = torch.full((1, 1, 256, 256), -20.0)
-        return Prediction(mask=np.zeros((h, w), dtype=bool), score=0.0, logits=empty)
+        return predictor.empty(emb)
     cands = sorted(cands, key=lambda c: -c[0])[:REFINE_TOP_K]
     logits2, iou2 = predictor.decode(emb, boxes=np.array([c[2] for c in cands]))
     low2 = (logits2[:, 0, :ch, :cw] > 0).cpu().numpy()

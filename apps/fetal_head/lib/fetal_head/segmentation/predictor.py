@@ -6,8 +6,10 @@ mask decoder) behind one small API, as ``segment_anything.SamPredictor`` has::
 
 Both model families (:mod:`.models`) share SAM's prompt encoder and mask decoder, whose low-resolution logits
 (256 x 256) cover the padded square model input; they are cropped to the image's part and resized to the image's
-own geometry here, and nowhere else. Automatic and click-only requests go through :mod:`.box_search` or the
-trained automatic head.
+own geometry here, and nowhere else. Automatic and click-only requests go through :mod:`.box_search`: the trained
+head localiser first (:mod:`.localiser`), else the trained automatic head, else the box search. Their answers carry a
+``confidence`` dict (which route answered, the localiser's score, agreement with the box search when
+``automatic_agreement`` is on).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import box_search
-from .models import AUTOMATIC_DECODER, family, weights_key
+from .models import AUTOMATIC_DECODER, LOCALISER, family, weights_key
 from .prompts import Prompt, PromptError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class Prediction:
     mask: np.ndarray  # (H, W) bool in the image's own geometry
     score: float  # the decoder's predicted IoU
     logits: torch.Tensor  # (1, 1, 256, 256) low-resolution logits, for refinement
+    # automatic and click-only answers: how they were found and how sure (JSON-ready numbers and strings)
+    confidence: Dict[str, object] = field(default_factory=dict)
 
 
 class SamPredictor:
@@ -83,6 +87,9 @@ class SamPredictor:
         self._lock = threading.RLock()
         self.cache_hits = 0
         self.cache_misses = 0
+        # automatic answers from the localiser also run the box search (~25 decoder calls) and report the two
+        # masks' Dice as ``confidence["box_search_agreement"]``; off: that figure is left out (mask unchanged)
+        self.automatic_agreement = True
 
     def refresh_encoder_key(self) -> None:
         """Recompute the embedding-cache key after the image encoder's weights changed (encoder fine-tuning)."""
@@ -92,6 +99,12 @@ class SamPredictor:
     def automatic_decoder(self) -> Optional[nn.Module]:
         """The trained automatic head (:func:`.models.attach_automatic_decoder`), None for a zero-shot model."""
         return getattr(self.model, AUTOMATIC_DECODER, None)
+
+    @property
+    def localiser(self) -> Optional[nn.Module]:
+        """The trained head localiser (:func:`.models.attach_localiser`), None when the model has none."""
+        loc = getattr(self.model, LOCALISER, None)
+        return loc if loc is not None and int(loc.trained_labels) > 0 else None
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -270,17 +283,39 @@ class SamPredictor:
             fg = prompt.points[prompt.labels == 1]
             if len(fg) == 0:
                 raise PromptError("clicks without a box need at least one foreground point")
+            if self.localiser is not None:  # the localiser's head that holds the click
+                pred = box_search.localised(self, emb, prompt)
+                if pred is not None and pred.mask.sum() >= 16:
+                    return pred
             centre = fg.mean(axis=0)
-            return box_search.search(self, emb, [tuple(centre)], prompt)
+            pred = box_search.search(self, emb, [tuple(centre)], prompt)
+            pred.confidence = {"source": "box_search", "decoder_iou": round(pred.score, 4)}
+            return pred
         return self.predict_automatic(emb)
 
     def predict_automatic(self, emb: ImageEmbedding) -> Prediction:
-        """No prompt: the trained automatic head when the model has one, else the box search."""
+        """No prompt: the trained localiser when the model has one, else the trained automatic head, else the box
+        search."""
+        if self.localiser is not None:
+            pred = box_search.localised(self, emb)
+            if pred is not None and pred.mask.sum() >= 16:
+                if self.automatic_agreement:
+                    other = box_search.search(self, emb, box_search.image_centres(*emb.original_hw), Prompt())
+                    pred.confidence["box_search_agreement"] = round(box_search._dice(pred.mask, other.mask), 4)
+                return pred
         if self.automatic_decoder is not None:
             pred = box_search.automatic_head(self, emb)
             if pred.mask.sum() >= 16:
+                pred.confidence = {"source": "automatic_head", "decoder_iou": round(pred.score, 4)}
                 return pred
-        return box_search.search(self, emb, box_search.image_centres(*emb.original_hw), Prompt())
+        pred = box_search.search(self, emb, box_search.image_centres(*emb.original_hw), Prompt())
+        pred.confidence = {"source": "box_search", "decoder_iou": round(pred.score, 4)}
+        return pred
+
+    def empty(self, emb: ImageEmbedding) -> Prediction:
+        """No head found: an empty mask (score 0) in the image's geometry."""
+        return Prediction(mask=np.zeros(emb.original_hw, dtype=bool), score=0.0,
+                          logits=torch.full((1, 1, 256, 256), -20.0))
 
     def finish(self, emb: ImageEmbedding, logits: torch.Tensor, iou: torch.Tensor) -> Prediction:
         """The first of a batch of low-resolution answers as a full-resolution :class:`Prediction`."""
