@@ -137,3 +137,37 @@ def test_label_draw_is_seeded_and_within_the_pool(hc18):
     assert [x.name for x in a] == [x.name for x in b] != [x.name for x in c]
     assert len({x.name for x in a}) == 5 and all(x.split == "pool" for x in a)
     assert len(select_labels(pool, 10_000, 0)) == len(pool)
+
+
+def test_gpu_config_code_path_at_tiny_size(tmp_path):
+    """The `gpu` configuration (issue 14) with its sizes shrunk to CPU scale: both generator variants (the
+    semi-supervised one with unlabelled pool images and guidance), DPM sampling, FD/KID vs the real-vs-real
+    yardstick and the sample grids."""
+    from fetal_head.evaluation.benchmark import REAL_SYNTHETIC_SEMI, CONFIGS
+
+    gpu = CONFIGS["gpu"]
+    assert gpu.n_labels == (5, 20) and gpu.seeds == (0,) and gpu.generator_variants == ("labelled", "semi")
+    cfg = make_config("gpu", n_labels=(3,), test_limit=2, train_steps=2, max_epochs=1, device="cpu",
+                      diffusion_config="tiny", diffusion_overrides={"max_steps": 3, "checkpoint_every": 3},
+                      sampling_steps=3, qc="shape-only", max_synthetic_pairs=2, unlabelled_pool=4, realism_images=4,
+                      modes=("box",))
+    bench = Benchmark(cfg, str(HC18), str(tmp_path / "work"), str(CACHE))
+    assert {c[0] for c in bench.cells()} == {ZERO_SHOT, REAL, REAL_SYNTHETIC, REAL_SYNTHETIC_SEMI}
+    bench.run(progress=False)
+    report = write_report(bench, str(tmp_path / "out"))
+    assert all(c["status"] == "done" for c in report["cells"])
+    results = bench.load_cells()
+    semi = results[(REAL_SYNTHETIC_SEMI, 3, 0)]["synthesis"]
+    labelled = results[(REAL_SYNTHETIC, 3, 0)]["synthesis"]
+    assert semi["variant"] == "semi" and semi["generator_unlabelled"] == 4 and semi["guidance_scale"] == 1.5
+    assert labelled["variant"] == "labelled" and labelled["generator_unlabelled"] == 0
+    assert semi["sampler"] == "dpm" and semi["sampling_steps"] == 3
+    # unlabelled images come from the pool, never the labels or the test split
+    unl = {i for i, _ in bench.unlabelled_for(select_labels(bench.pool, 3, 0), 0)}
+    assert not unl & set(results[(REAL, 3, 0)]["labels"]) and not unl & {c.image_id for c in bench.test_cases}
+    for syn in (semi, labelled):
+        rl = syn["realism"]
+        assert rl["real_vs_real"]["n"] == [2, 2] and math.isfinite(rl["real_vs_synthetic"]["fd"])
+    assert "real-vs-real yardstick" in report["markdown"]
+    for name in ("synthetic_n3_s0.png", "synthetic-semi_n3_s0.png"):
+        assert (tmp_path / "out" / name).exists()

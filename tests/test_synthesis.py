@@ -263,3 +263,98 @@ def test_real_vs_real_is_closer_than_real_vs_noise(hc18, predictor):
           f"real vs noise: FD {to_noise['fd']:.1f} KID {to_noise['kid']:.3f}")
     assert yardstick["fd"] < to_noise["fd"]
     assert yardstick["kid"] < to_noise["kid"]
+
+
+# ---- schemes, semi-supervised generator, guidance, the fast training loop -----------------------------------------
+
+def test_scheme_objects_replace_the_scheme_string():
+    import torch
+    from fetal_head.synthesis.diffusion import DiffusionConfig, make_config
+    from fetal_head.synthesis.schemes import SCHEMES, Joint, MaskConditioned, scheme_for
+
+    assert SCHEMES == ("mask_conditioned", "joint")
+    mc, joint = scheme_for(make_config("tiny")), scheme_for("joint")
+    assert isinstance(mc, MaskConditioned) and isinstance(joint, Joint)
+    assert (mc.in_channels, mc.out_channels, joint.in_channels, joint.out_channels) == (2, 1, 3, 3)
+    image, mask = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    assert joint.model_input(image, mask).shape[1] == 3 and mc.model_input(image, mask).shape[1] == 1
+    assert mc.unet_input(image, mask).shape[1] == 2 and (mc.null_condition(mask) == 0).all()
+    with pytest.raises(ValueError):
+        scheme_for("nope")
+    # a config saved before the semi-supervised fields existed still loads (checkpoint compatibility)
+    old = json.loads(make_config("tiny").to_json())
+    for k in ("unlabelled_images", "labelled_share", "cond_dropout", "guidance_scale", "channels_last", "compile",
+              "log_every"):
+        old.pop(k)
+    cfg = DiffusionConfig.from_json(json.dumps(old))
+    assert cfg.scheme_obj.name == "mask_conditioned" and cfg.guidance_scale == 1.0 and not cfg.semi_supervised
+    with pytest.raises(ValueError):  # the joint scheme has no condition to drop or guide
+        make_config("tiny", scheme="joint", unlabelled_images=4)
+
+
+def test_fast_loop_matches_the_legacy_loop_on_cpu(tmp_path, hc18):
+    """The new loop draws the same random numbers as the old one on a CPU, so it trains the same model."""
+    from fetal_head.synthesis.diffusion import load_checkpoint, make_config
+    from fetal_head.synthesis.pipeline import train_generator
+
+    pairs = [(c.image_id, c.image_path, c.mask_path) for c in test_split(hc18, "pool", 4, seed=8)]
+    cfg = make_config("tiny", max_steps=4, log_every=2)
+    old = train_generator(pairs, cfg, str(tmp_path / "old.pt"), device="cpu", progress=False, legacy_loop=True)
+    new = train_generator(pairs, cfg, str(tmp_path / "new.pt"), device="cpu", progress=False)
+    assert new["final_loss"] == pytest.approx(old["final_loss"], rel=1e-4)
+    a, b = load_checkpoint(str(tmp_path / "old.pt")), load_checkpoint(str(tmp_path / "new.pt"))
+    for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"]):
+        assert (x - y).abs().max() < 1e-5
+
+
+def test_semi_supervised_generator_trains_on_unlabelled_images_and_samples_with_guidance(tmp_path, hc18):
+    from fetal_head.synthesis.diffusion import load_checkpoint, make_config
+    from fetal_head.synthesis.pipeline import train_generator
+    from fetal_head.synthesis.sampling import PairGenerator, SamplingOptions, synthesize
+
+    cases = test_split(hc18, "pool", 9, seed=5)
+    pairs = [(c.image_id, c.image_path, c.mask_path) for c in cases[:4]]
+    unlabelled = [(c.image_id, c.image_path) for c in cases[4:]] + [(cases[0].image_id, cases[0].image_path)]
+    cfg = make_config("tiny", max_steps=4, unlabelled_images=3, cond_dropout=0.2, guidance_scale=2.0)
+    ckpt = str(tmp_path / "semi.pt")
+    summary = train_generator(pairs, cfg, ckpt, device="cpu", progress=False, unlabelled=unlabelled)
+    assert summary["num_unlabelled"] == 3 and summary["step"] == 4
+    extra = json.loads(load_checkpoint(ckpt)["extra"])
+    assert len(extra["unlabelled_ids"]) == 3 and not set(extra["unlabelled_ids"]) & set(extra["train_ids"])
+    # resume keeps the device random stream
+    again = train_generator(pairs, make_config("tiny", max_steps=6, unlabelled_images=3, cond_dropout=0.2,
+                                               guidance_scale=2.0), ckpt, device="cpu", progress=False,
+                            unlabelled=unlabelled)
+    assert again["steps_done"] == 2
+
+    gen = PairGenerator(ckpt, sampler="dpm", steps=3)
+    assert gen.guidance_scale == 2.0 and gen.provenance(0, 0)["guidance_scale"] == 2.0
+    guided = gen.generate(seed=3, indices=[0, 1])
+    plain = PairGenerator(ckpt, sampler="dpm", steps=3, guidance_scale=1.0).generate(seed=3, indices=[0, 1])
+    assert guided[0].image.shape == (540, 800) and (guided[0].mask == plain[0].mask).all()
+    assert np.abs(guided[0].image.astype(int) - plain[0].image.astype(int)).max() > 0  # guidance changes images
+    got = []
+    result = synthesize(gen, 2, seed=3, on_accept=lambda p, prov: got.append(prov),
+                        options=SamplingOptions(qc="shape-only", progress=False))
+    assert len(got) == 2 and result["qc"]["candidates"] >= 2
+
+
+def test_datastore_feeds_only_real_unlabelled_images(tmp_path, hc18):
+    from fetal_head.io.hc18 import import_cases
+    from fetal_head.synthesis.store import add_pair, open_datastore, real_labelled_pairs, real_unlabelled_images
+
+    studies = tmp_path / "studies"
+    cases = test_split(hc18, "pool", 3, seed=4)
+    import_cases(cases, str(studies))
+    extra = test_split(hc18, "pool", 5, seed=9)[:2]
+    for c in extra:  # unlabelled real images
+        (studies / f"{c.image_id}.png").write_bytes(Path(c.image_path).read_bytes())
+    ds = open_datastore(str(studies))
+    case = cases[0]
+    from fetal_head.io import read_image
+
+    add_pair(ds, "synthetic_mask_conditioned_0_0", read_image(case.image_path), case.load_mask(), {"scheme": "x"})
+    ds = open_datastore(str(studies))
+    unl = {i for i, _ in real_unlabelled_images(ds)}
+    assert unl == {c.image_id for c in extra if c.image_id not in {x.image_id for x in cases}}
+    assert not unl & {p[0] for p in real_labelled_pairs(ds)}

@@ -6,6 +6,9 @@ labelled images, then add QC-passed synthetic pairs to the datastore (or purge t
      "qc": "full", "purge": false}
 
 - Training uses real pairs only (ids without the ``synthetic_`` prefix and without ``synthetic: true`` info).
+- ``"unlabelled_images": K`` (> 0) makes the mask-conditioned generator semi-supervised: up to K real datastore
+  images without a final label (never synthetic ones) train its unconditional side; ``"cond_dropout"`` (e.g.
+  0.1) and ``"guidance_scale"`` (e.g. 1.5-3) are the classifier-free guidance knobs (fetal_head.synthesis.diffusion).
 - The checkpoint is ``model/diffusion/<scheme>_<config>.pt``; a later request with a larger ``max_steps`` resumes
   it (``"resume": false`` starts over). ``max_steps`` at or below the checkpoint's step skips training.
 - ``"qc": "shape-only"`` skips the SAM agreement gate: for tests and CPU smoke runs only (see fetal_head.synthesis.quality).
@@ -23,7 +26,7 @@ from fetal_head.synthesis.diffusion import CONFIGS, DEFAULT_SCHEME, make_config
 from fetal_head.synthesis.quality import QC_MODES, QCThresholds
 from fetal_head.synthesis.sampling import SamplingOptions
 from fetal_head.synthesis.pipeline import default_device, synthesize_into_datastore, train_generator
-from fetal_head.synthesis.store import list_synthetic, purge_synthetic, real_labelled_pairs
+from fetal_head.synthesis.store import list_synthetic, purge_synthetic, real_labelled_pairs, real_unlabelled_images
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +50,11 @@ class SynthesisTrain(TrainTask):
             "qc": "full",
             "purge": False,
             "resume": True,
-            "sampler": "ddim",
-            "sampling_steps": 50,
+            "sampler": CONFIGS["default"].sampler,
+            "sampling_steps": CONFIGS["default"].sampling_steps,
+            "unlabelled_images": CONFIGS["default"].unlabelled_images,
+            "cond_dropout": CONFIGS["default"].cond_dropout,
+            "guidance_scale": CONFIGS["default"].guidance_scale,
             "min_sam_dice": QCThresholds.min_sam_dice,
             "min_sam_click_dice": QCThresholds.min_sam_click_dice,
             "device": "cuda or cpu (auto)",
@@ -81,11 +87,16 @@ class SynthesisTrain(TrainTask):
             seed=_int(request.get("seed")),
             sampler=request.get("sampler"),
             sampling_steps=_int(request.get("sampling_steps")),
+            unlabelled_images=_int(request.get("unlabelled_images")),
+            cond_dropout=_float(request.get("cond_dropout")),
+            guidance_scale=_float(request.get("guidance_scale")),
         )
         pairs = real_labelled_pairs(datastore)
+        unlabelled = real_unlabelled_images(datastore) if config.unlabelled_images > 0 else []
         logger.info(f"training the {scheme} generator ({config_name}) on {len(pairs)} real pairs, to step {config.max_steps}")
         ckpt = self.checkpoint_path(scheme, config_name)
-        train_summary = train_generator(pairs, config, ckpt, device=device, resume=_flag(request.get("resume", True)))
+        train_summary = train_generator(pairs, config, ckpt, device=device, resume=_flag(request.get("resume", True)),
+                                        unlabelled=unlabelled)
 
         num_pairs = _int(request.get("num_pairs")) or 0
         synth_summary = {}
@@ -114,6 +125,10 @@ class SynthesisTrain(TrainTask):
 
 def _int(v):
     return None if v is None or v == "" else int(v)
+
+
+def _float(v):
+    return None if v is None or v == "" else float(v)
 
 
 def _flag(v) -> bool:

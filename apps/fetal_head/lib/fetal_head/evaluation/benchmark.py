@@ -24,6 +24,13 @@ The experiment, cell by cell:
   grid that were not run are listed as such in the table (``needs GPU`` for the synthetic cells a configuration
   leaves to a GPU), never filled in.
 
+- ``real+synthetic-semi`` (configurations with ``"semi"`` in ``generator_variants``): as ``real+synthetic``, but
+  the generator is the semi-supervised mask-conditioned one: it also learns the image distribution from
+  ``unlabelled_pool`` pool images that are not among the N labels (never a test image), with classifier-free
+  guidance at sampling.
+- Each synthetic cell also records FD/KID of its QC-passed images in SAM feature space against the real-vs-real
+  yardstick (two disjoint halves of ``realism_images`` pool images) and gets a sample grid.
+
 Outputs (:func:`write_report`): ``per_image.csv``, ``cells.csv`` (one row per (arm, N, seed, mode)),
 ``summary.md`` (mean +- sd over seeds), ``dice_vs_n.png``, ``hc_error_vs_n.png`` and ``best_worst.png``.
 """
@@ -63,7 +70,9 @@ from .core import METRICS, TestImage, evaluate, image_metrics, load_test_images,
 logger = logging.getLogger(__name__)
 
 ZERO_SHOT, REAL, REAL_SYNTHETIC = "zero-shot", "real", "real+synthetic"
-ARMS = (REAL, REAL_SYNTHETIC)
+REAL_SYNTHETIC_SEMI = "real+synthetic-semi"
+ARMS = (REAL, REAL_SYNTHETIC, REAL_SYNTHETIC_SEMI)
+SYNTHETIC_ARMS = (REAL_SYNTHETIC, REAL_SYNTHETIC_SEMI)
 MODES = ("box", AUTOMATIC)  # the benchmark's modes (the core also has "click")
 NOT_RUN_GPU = "needs GPU"
 NOT_RUN = "not run"
@@ -100,6 +109,13 @@ class BenchmarkConfig:
     max_synthetic_pairs: int = 2000
     qc: str = "full"
     max_candidates_factor: float = 4.0
+    sampler: Optional[str] = None  # None: the generator config's
+    sampling_steps: Optional[int] = None
+    # generator variants: "labelled" (the real+synthetic arm) and/or "semi" (real+synthetic-semi)
+    generator_variants: Tuple[str, ...] = ("labelled",)
+    unlabelled_pool: int = 200  # unlabelled pool images (not among the N labels) for the semi-supervised generator
+    semi_overrides: Dict[str, object] = field(default_factory=lambda: {"cond_dropout": 0.1, "guidance_scale": 1.5})
+    realism_images: int = 0  # pool images for FD/KID (two halves: the yardstick); 0: no FD/KID
     # evaluation
     test_limit: int = 0  # 0: the whole test split
     modes: Tuple[str, ...] = MODES
@@ -111,10 +127,17 @@ class BenchmarkConfig:
     EVAL_KEYS = ("test_limit", "modes", "eval_seed", "max_jitter")
     TRAIN_KEYS = ("train_steps", "min_epochs", "max_epochs", "batch_size", "learning_rate", "val_split", "max_val_images",
                   "diffusion_config", "diffusion_overrides", "synthetic_per_label", "max_synthetic_pairs", "qc",
-                  "max_candidates_factor")
+                  "max_candidates_factor", "sampler", "sampling_steps", "generator_variants", "unlabelled_pool",
+                  "semi_overrides", "realism_images")
+    # keys added after cells were first written: hashed only when they differ from their default, so the cells
+    # of the existing configurations keep their key
+    LATER_KEYS = {"sampler": None, "sampling_steps": None, "generator_variants": ("labelled",), "unlabelled_pool": 200,
+                  "semi_overrides": {"cond_dropout": 0.1, "guidance_scale": 1.5}, "realism_images": 0}
 
     def _key(self, keys) -> str:
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=str)
+        values = {k: getattr(self, k) for k in keys}
+        values = {k: v for k, v in values.items() if k not in self.LATER_KEYS or v != self.LATER_KEYS[k]}
+        blob = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
     def eval_key(self) -> str:
@@ -124,6 +147,10 @@ class BenchmarkConfig:
     def training_key(self) -> str:
         """What a finished fine-tuned cell depends on: cells with another key are not reused."""
         return self._key(self.EVAL_KEYS + self.TRAIN_KEYS)
+
+    def synthetic_arms(self) -> Tuple[str, ...]:
+        return tuple(arm for arm, v in ((REAL_SYNTHETIC, "labelled"), (REAL_SYNTHETIC_SEMI, "semi"))
+                     if v in self.generator_variants)
 
     def runs_synthetic(self, n: int, seed: int) -> bool:
         return (self.synthetic_n is None or n in self.synthetic_n) and (
@@ -149,6 +176,21 @@ CONFIGS: Dict[str, BenchmarkConfig] = {
                              "layers_per_block": 1, "max_steps": 300, "batch_size": 8, "learning_rate": 1e-3,
                              "sampling_steps": 20, "checkpoint_every": 200},
         synthetic_per_label=4.0, max_synthetic_pairs=16, qc="full",
+    ),
+    # Issue 14: one run in <= 9 min on one H100. N = 5 and 20, seed 0, both generator variants (labelled-only and
+    # semi-supervised with 200 unlabelled pool images), 128 px generator, 600 steps each, DPM-Solver++ 20 steps,
+    # full QC, 100 decoder steps per cell, all 157 test images. Sized from the issue's measured "now" rates (H200,
+    # old code): generator 12.4 steps/s at batch 16 -> 4 x 600 steps = 194 s; decoder 3.3 steps/s -> 6 x 100 steps
+    # = 182 s; synthesis 1.4 accepted pairs/s (DDIM 50; DPM 20 + batched QC needs fewer UNet calls) -> 2 x (16 + 32)
+    # pairs = 69 s at most; evaluation of 7 cells x 157 images x 2 modes, assumed ~10 s a cell on a GPU = 70 s;
+    # total ~ 515 s before any of the loop's speed-ups. If the profile shows the new loop at >= 3x, raise
+    # diffusion max_steps (--gen-steps is not a flag: edit here) rather than adding cells.
+    "gpu": BenchmarkConfig(
+        name="gpu", n_labels=(5, 20), seeds=(0,), train_steps=100, max_epochs=100, max_val_images=4,
+        diffusion_config="fast128", diffusion_overrides={"max_steps": 600, "batch_size": 16, "checkpoint_every": 600},
+        synthetic_per_label=4.0, max_synthetic_pairs=32, qc="full", max_candidates_factor=3.0,
+        sampler="dpm", sampling_steps=20, generator_variants=("labelled", "semi"), unlabelled_pool=200,
+        realism_images=64, device="cuda",
     ),
     # The issue's grid on a GPU: a 256 px generator per (N, seed), 4 synthetic pairs per real training label.
     "full": BenchmarkConfig(
@@ -195,7 +237,8 @@ def planned_cells(cfg: BenchmarkConfig, pool_size: int) -> List[Tuple[str, int, 
                 status = f"needs >= {MIN_GENERATOR_PAIRS} labels"
             else:
                 status = "" if cfg.runs_synthetic(n, seed) else NOT_RUN_GPU
-            cells.append((REAL_SYNTHETIC, n_eff, seed, status))
+            for arm in cfg.synthetic_arms():
+                cells.append((arm, n_eff, seed, status))
     return cells
 
 
@@ -272,8 +315,9 @@ class Benchmark:
         n_val = min(n_val, len(items) - 1)
         n_train_real = len(items) - n_val
         share = 0.0
-        if arm == REAL_SYNTHETIC:
-            synthetic, synth_info = self.synthesize(items, n, seed, n_train_real, predictor)
+        if arm in SYNTHETIC_ARMS:
+            synthetic, synth_info = self.synthesize(items, n, seed, n_train_real, predictor,
+                                                    semi=arm == REAL_SYNTHETIC_SEMI, chosen=chosen)
             info["synthesis"] = synth_info
             items = items + synthetic
             if synthetic:  # the trainer's share: n_syn = n_train * share / (1 - share)
@@ -302,33 +346,73 @@ class Benchmark:
         self._save_cell(arm, n, seed, rows, packed, info)
         shutil.rmtree(model_dir, ignore_errors=True)  # ~40 MB each; the cell records how to remake it
 
-    def synthetic_folder(self, n: int, seed: int) -> str:
-        return os.path.join(self.work_dir, "synthetic", self.cfg.training_key(), f"n{n}_s{seed}", "pairs")
+    def synthetic_folder(self, n: int, seed: int, arm: str = REAL_SYNTHETIC) -> str:
+        variant = "" if arm == REAL_SYNTHETIC else "_semi"
+        return os.path.join(self.work_dir, "synthetic", self.cfg.training_key(), f"n{n}_s{seed}{variant}", "pairs")
 
-    def synthesize(self, items: List[LabelledImage], n: int, seed: int, n_train_real: int, qc_predictor: SamPredictor):
-        """Train a generator on these N real pairs only, then sample QC-passed pairs: (items, info)."""
+    def unlabelled_for(self, chosen: Sequence[HC18Case], seed: int) -> List[Tuple[str, str]]:
+        """Pool images that are not among the N labels (a seeded draw of ``unlabelled_pool``): the semi-supervised
+        generator's unlabelled images. Pool split only: a test image never reaches a generator."""
+        taken = {c.image_id for c in chosen}
+        rest = [c for c in self.pool if c.image_id not in taken]
+        pick = np.random.default_rng(seed + 10_000).permutation(len(rest))[: self.cfg.unlabelled_pool]
+        return [(rest[i].image_id, rest[i].image_path) for i in sorted(pick)]
+
+    def realism(self, folder: str, ids: Sequence[str], predictor: SamPredictor, seed: int) -> Optional[dict]:
+        """FD/KID in SAM feature space: real half A vs real half B (the yardstick) and real half A vs the
+        synthetic images (at most as many as a half, so the estimators' small-sample bias is comparable)."""
+        from ..synthesis.realism import compare, feature_scale, sam_features
+
+        m = self.cfg.realism_images // 2
+        if m < 2 or len(ids) < 2:
+            return None
+        pick = np.random.default_rng(seed + 20_000).permutation(len(self.pool))[: 2 * m]
+        real = sam_features(predictor, [read_image(self.pool[i].image_path) for i in pick], progress=False)
+        syn = sam_features(predictor, [read_image(os.path.join(folder, "images", f"{i}.png")) for i in ids[:m]],
+                           progress=False)
+        scale = feature_scale(real)
+        subsets = 20
+        return {"real_vs_real": compare(real[:m], real[m:], scale, kid_subsets=subsets),
+                "real_vs_synthetic": compare(real[:m], syn, scale, kid_subsets=subsets)}
+
+    def synthesize(self, items: List[LabelledImage], n: int, seed: int, n_train_real: int, qc_predictor: SamPredictor,
+                   semi: bool = False, chosen: Sequence[HC18Case] = ()):
+        """Train a generator on these N real pairs only (plus unlabelled pool images when ``semi``), then sample
+        QC-passed pairs: (items, info)."""
         from ..synthesis.diffusion import make_config as make_diffusion_config
         from ..synthesis.pipeline import synthesize_into_folder, train_generator
         from ..synthesis.sampling import SamplingOptions
 
         cfg = self.cfg
-        folder = self.synthetic_folder(n, seed)
+        folder = self.synthetic_folder(n, seed, REAL_SYNTHETIC_SEMI if semi else REAL_SYNTHETIC)
         root = os.path.dirname(folder)
         shutil.rmtree(folder, ignore_errors=True)  # a half-written folder from a killed run
-        dconf = make_diffusion_config(cfg.diffusion_config, seed=seed, **cfg.diffusion_overrides)
+        overrides = dict(cfg.diffusion_overrides)
+        unlabelled: List[Tuple[str, str]] = []
+        if semi:
+            unlabelled = self.unlabelled_for(chosen, seed)
+            overrides.update(cfg.semi_overrides, unlabelled_images=len(unlabelled))
+        dconf = make_diffusion_config(cfg.diffusion_config, seed=seed, **overrides)
         t0 = time.time()
         train_summary = train_generator([(i.image_id, i.image_path, i.label_path) for i in items], dconf,
-                                        os.path.join(root, "generator.pt"), device=cfg.device)
+                                        os.path.join(root, "generator.pt"), device=cfg.device, unlabelled=unlabelled)
         t1 = time.time()
         target = int(min(cfg.max_synthetic_pairs, math.ceil(cfg.synthetic_per_label * n_train_real)))
         options = SamplingOptions(qc=cfg.qc, predictor=qc_predictor if cfg.qc == "full" else None,
                                   max_candidates_factor=cfg.max_candidates_factor)
         result = synthesize_into_folder(folder, os.path.join(root, "generator.pt"), target, seed=seed,
-                                        options=options, device=cfg.device)
+                                        options=options, device=cfg.device, sampler=cfg.sampler,
+                                        steps=cfg.sampling_steps)
         qc = result["qc"]
-        info = {"generator_pairs": len(items), "generator_steps": train_summary["step"],
+        t2 = time.time()
+        realism = self.realism(folder, result["added"], qc_predictor, seed) if cfg.realism_images else None
+        info = {"variant": "semi" if semi else "labelled", "generator_unlabelled": len(unlabelled),
+                "guidance_scale": dconf.guidance_scale, "sampler": cfg.sampler or dconf.sampler,
+                "sampling_steps": cfg.sampling_steps or dconf.sampling_steps, "realism": realism,
+                "seconds_realism": round(time.time() - t2, 1),
+                "generator_pairs": len(items), "generator_steps": train_summary["step"],
                 "generator_image_size": dconf.image_size, "generator_final_loss": train_summary["final_loss"],
-                "seconds_generator": round(t1 - t0, 1), "seconds_synthesis": round(time.time() - t1, 1),
+                "seconds_generator": round(t1 - t0, 1), "seconds_synthesis": round(t2 - t1, 1),
                 "target_pairs": target, "accepted": len(result["added"]), "qc": qc, "qc_mode": cfg.qc}
         synthetic = [LabelledImage(sid, os.path.join(folder, "images", f"{sid}.png"),
                                    os.path.join(folder, "masks", f"{sid}_Mask.png"), synthetic=True)
@@ -439,12 +523,15 @@ def aims_lines(summary: Sequence[dict]) -> List[str]:
         bound_s = f"{100 * bound:.1f} %" if metric == "dice" else f"{bound:.1f} mm"
         out.append(f"- {label}: {shown} ({arm}) — aim {op} {bound_s}: {'met' if ok else 'not met'}")
     r = by.get((REAL, 5, "box"))
-    s = by.get((REAL_SYNTHETIC, 5, "box"))
-    if r and s and r["dice"] is not None and s["dice"] is not None:
-        gain = 100 * (s["dice"] - r["dice"])
-        out.append(f"- synthetic pairs at N = 5 (box Dice): {gain:+.2f} points ({s['seeds_done']} seed(s) with "
-                   f"synthetic vs {r['seeds_done']} without) — aim >= +1: {'met' if gain >= 1 else 'not met'}")
-    else:
+    measured = False
+    for syn_arm in SYNTHETIC_ARMS:
+        s = by.get((syn_arm, 5, "box"))
+        if r and s and r["dice"] is not None and s["dice"] is not None:
+            measured = True
+            gain = 100 * (s["dice"] - r["dice"])
+            out.append(f"- {syn_arm} at N = 5 (box Dice): {gain:+.2f} points ({s['seeds_done']} seed(s) with "
+                       f"synthetic vs {r['seeds_done']} without) — aim >= +1: {'met' if gain >= 1 else 'not met'}")
+    if not measured:
         out.append("- synthetic pairs at N = 5: not measured")
     return out
 
@@ -457,11 +544,19 @@ def synthesis_lines(results: Dict[Tuple[str, int, int], dict]) -> List[str]:
             continue
         qc = syn["qc"]
         rej = ", ".join(f"{k} {v}" for k, v in (qc.get("rejected") or {}).items()) or "none"
-        out.append(f"- N = {n}, seed {seed}: generator {syn['generator_image_size']} px, {syn['generator_steps']} "
+        variant = syn.get("variant", "labelled")
+        unl = (f" + {syn['generator_unlabelled']} unlabelled, guidance {syn.get('guidance_scale', 1.0):g}"
+               if variant == "semi" else "")
+        out.append(f"- {arm}, N = {n}, seed {seed}: generator {syn['generator_image_size']} px{unl}, {syn['generator_steps']} "
                    f"steps on {syn['generator_pairs']} real pairs ({syn['seconds_generator']:.0f} s); "
                    f"{syn['accepted']} of {qc.get('candidates', '?')} candidates passed QC ({syn['qc_mode']}; "
                    f"target {syn['target_pairs']}; rejected: {rej}); {res.get('synthetic_in_training', 0)} "
                    f"synthetic pairs in training")
+        rl = syn.get("realism")
+        if rl:
+            a, b = rl["real_vs_synthetic"], rl["real_vs_real"]
+            out.append(f"  - realism (SAM features, {a['n'][0]} real vs {a['n'][1]} synthetic): FD {a['fd']:.1f}, "
+                       f"KID {a['kid']:.3f}; real-vs-real yardstick FD {b['fd']:.1f}, KID {b['kid']:.3f}")
     return out
 
 
@@ -474,7 +569,7 @@ def plot_vs_n(summary: Sequence[dict], metric: str, ylabel: str, path: str, scal
     modes = sorted({e["mode"] for e in summary}, key=lambda m: MODES.index(m) if m in MODES else 9)
     fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 3.8), squeeze=False)
     for ax, mode in zip(axes[0], modes):
-        for arm, style in ((REAL, "o-"), (REAL_SYNTHETIC, "s--")):
+        for arm, style in ((REAL, "o-"), (REAL_SYNTHETIC, "s--"), (REAL_SYNTHETIC_SEMI, "^:")):
             pts = sorted((e["n_labels"], e[metric], e[metric + "_sd"] or 0.0) for e in summary
                          if e["arm"] == arm and e["mode"] == mode and e[metric] is not None)
             if pts:
@@ -546,13 +641,15 @@ def synthetic_sample_grid(bench: Benchmark, res: dict, path: str) -> None:
     from ..synthesis.realism import sample_grid
 
     real = [(read_image(c.image_path), c.load_mask()) for c in bench.pool if c.image_id in set(res["labels"][:4])]
-    folder = bench.synthetic_folder(res["n_labels"], res["seed"])
+    folder = bench.synthetic_folder(res["n_labels"], res["seed"], res.get("arm", REAL_SYNTHETIC))
     names = sorted(os.listdir(os.path.join(folder, "images")))[:4]
     synthetic = [(read_image(os.path.join(folder, "images", f)),
                   read_mask(os.path.join(folder, "masks", f[:-4] + "_Mask.png"))) for f in names]
     syn = res["synthesis"]
+    semi = (f" and {syn['generator_unlabelled']} unlabelled images"
+            if syn.get("variant") == "semi" else "")
     sample_grid(real, synthetic, path, title=f"N = {res['n_labels']}, seed {res['seed']}: real labels (top) and "
-                f"QC-passed synthetic pairs from a {syn['generator_image_size']} px generator trained on them "
+                f"QC-passed synthetic pairs from a {syn['generator_image_size']} px generator trained on them{semi} "
                 f"for {syn['generator_steps']} steps (bottom)")
 
 
@@ -593,7 +690,8 @@ def write_report(bench: Benchmark, out_dir: str, command: str = "", started: Opt
         case_figure(bench, results, fig_cell, os.path.join(out_dir, "best_worst.png"))
     for (arm, n, seed), res in results.items():
         if res.get("synthesis", {}).get("accepted"):
-            synthetic_sample_grid(bench, res, os.path.join(out_dir, f"synthetic_n{n}_s{seed}.png"))
+            prefix = "synthetic" if arm == REAL_SYNTHETIC else "synthetic-semi"
+            synthetic_sample_grid(bench, res, os.path.join(out_dir, f"{prefix}_n{n}_s{seed}.png"))
     cfg = bench.cfg
     seconds = [r.get("seconds_total", r.get("seconds_eval", 0)) for r in results.values()]
     header = [
@@ -612,7 +710,10 @@ def write_report(bench: Benchmark, out_dir: str, command: str = "", started: Opt
         f"epochs {cfg.min_epochs}-{cfg.max_epochs}), lr {cfg.learning_rate}, {int(100 * cfg.val_split)} % of the N "
         f"labels held out for best-epoch selection" + (f" (at most {cfg.max_val_images})" if cfg.max_val_images else ""),
         f"- synthetic arm: generator `{cfg.diffusion_config}` {json.dumps(cfg.diffusion_overrides, default=str)}, "
-        f"{cfg.synthetic_per_label:g} pairs per real training label (at most {cfg.max_synthetic_pairs}), QC `{cfg.qc}`",
+        f"{cfg.synthetic_per_label:g} pairs per real training label (at most {cfg.max_synthetic_pairs}), QC `{cfg.qc}`"
+        + (f"; variants {', '.join(cfg.generator_variants)}" + (
+            f" (semi: {cfg.unlabelled_pool} unlabelled pool images, {json.dumps(cfg.semi_overrides)})"
+            if "semi" in cfg.generator_variants else "") if cfg.generator_variants != ("labelled",) else ""),
         "- Dice, HD95, HC: mean over images per seed, then mean ± sd over seeds. A missing head counts as Dice 0, "
         "HD95 = image diagonal, HC error = reference HC.",
         "",

@@ -29,9 +29,10 @@ from .diffusion import (
     DiffusionConfig,
     build_sampler,
     checkpoint_hash,
+    _autocast,
     ema_unet_from_checkpoint,
+    guided_eps,
     load_checkpoint,
-    unet_forward,
 )
 from .quality import QCResult, QCTally, QCThresholds, check_pair
 from .shape_model import HeadEllipse, HeadShapeModel
@@ -64,19 +65,25 @@ class PairGenerator:
     """A trained generator (EMA weights) plus what its scheme needs to sample pairs."""
 
     def __init__(self, checkpoint_path: str, device: str = "cpu", sampler: Optional[str] = None,
-                 steps: Optional[int] = None):
+                 steps: Optional[int] = None, guidance_scale: Optional[float] = None):
         ckpt = load_checkpoint(checkpoint_path)
         self.unet, self.config = ema_unet_from_checkpoint(ckpt)
+        self.scheme = self.config.scheme_obj
         self.device = torch.device(device)
         self.unet.to(self.device)
+        if self.device.type == "cuda":
+            self.unet.to(memory_format=torch.channels_last)
         self.sampler_name = sampler or self.config.sampler
         self.steps = int(steps or self.config.sampling_steps)
+        self.guidance_scale = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
+        if self.guidance_scale != 1.0 and not self.scheme.conditional:
+            raise ValueError(f"the {self.config.scheme} scheme has no condition to guide")
         self.version = checkpoint_hash(checkpoint_path)
         self.trained_steps = int(ckpt["step"])
         extra = json.loads(ckpt.get("extra") or "{}")
         self.shape_model = HeadShapeModel.from_json(extra["shape_model"]) if extra.get("shape_model") else None
-        if self.config.scheme == "mask_conditioned" and self.shape_model is None:
-            raise ValueError(f"{checkpoint_path}: a mask-conditioned checkpoint needs its shape model")
+        if self.scheme.draws_masks_from_shape_model and self.shape_model is None:
+            raise ValueError(f"{checkpoint_path}: a {self.config.scheme} checkpoint needs its shape model")
 
     def provenance(self, seed: int, index: int) -> dict:
         return {
@@ -87,6 +94,7 @@ class PairGenerator:
             "index": index,
             "steps": self.steps,
             "sampler": self.sampler_name,
+            "guidance_scale": self.guidance_scale,
             "image_size": self.config.image_size,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -107,7 +115,7 @@ class PairGenerator:
         noise = torch.stack([torch.randn((c, s, s), generator=torch.Generator().manual_seed(pair_seed(seed, i)))
                              for i in indices]).to(self.device)
         cond_full, ellipses, cond = [], [], None
-        if cfg.scheme == "mask_conditioned":
+        if self.scheme.draws_masks_from_shape_model:
             conds = [self._condition(seed, i, output_hw) for i in indices]
             cond_full = [m for m, _, _ in conds]
             ellipses = [e for _, e, _ in conds]
@@ -117,15 +125,17 @@ class PairGenerator:
         x = noise * sampler.init_noise_sigma
         for t in sampler.timesteps:
             model_in = sampler.scale_model_input(x, t)
-            eps = unet_forward(self.unet, cfg, model_in, t.expand(len(indices)).to(self.device), cond)
-            x = sampler.step(eps, t, x).prev_sample
+            with _autocast(self.device, cfg.mixed_precision):
+                eps = guided_eps(self.unet, cfg, model_in, t.expand(len(indices)).to(self.device), cond,
+                                 self.guidance_scale)
+            x = sampler.step(eps.float(), t, x).prev_sample
         x = x.float().cpu()
-        image = x[:, :2].mean(1, keepdim=True) if cfg.scheme == "joint" else x[:, :1]
+        image, mask_logit = self.scheme.split_output(x)
         image = F.interpolate(image, size=output_hw, mode="bilinear", align_corners=False)
         image = ((image[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        if cfg.scheme == "joint":
+        if mask_logit is not None:
             # the generated mask channel, resized as logits then thresholded at the midpoint of {-1, 1}
-            mask_logit = F.interpolate(x[:, 2:3], size=output_hw, mode="bilinear", align_corners=False)
+            mask_logit = F.interpolate(mask_logit, size=output_hw, mode="bilinear", align_corners=False)
             masks = list((mask_logit[:, 0] > 0).numpy())
         else:
             masks = cond_full
@@ -144,6 +154,21 @@ class SamplingOptions:
     max_candidates_factor: float = 4.0  # give up after num_pairs x this many candidates
     output_hw: Tuple[int, int] = OUTPUT_HW
     progress: bool = True
+    batched_qc: bool = True  # encode each batch's shape-passed images in one SAM encoder call before the gates
+
+
+def _pre_encode(pairs: Sequence[SyntheticPair], opt: SamplingOptions) -> None:
+    """Batched QC: one SAM encoder call for the batch's candidates that pass the shape gate (the SAM gate's two
+    prompts per pair then only run the decoder, from the predictor's cache)."""
+    from .quality import check_shape
+
+    if opt.qc != "full" or opt.predictor is None or not opt.batched_qc:
+        return
+    todo = [p.image for p in pairs if check_shape(p.mask, opt.thresholds).accepted]
+    if len(todo) < 2:
+        return
+    for image, emb in zip(todo, opt.predictor.encode(todo)):
+        opt.predictor.remember(image, emb)
 
 
 def synthesize(
@@ -171,7 +196,9 @@ def synthesize(
     while len(accepted) < target and pos < len(indices):
         batch = indices[pos : pos + min(batch_size, max(target - len(accepted), 1))]
         pos += len(batch)
-        for pair in generator.generate(seed, batch, opt.output_hw):
+        pairs = generator.generate(seed, batch, opt.output_hw)
+        _pre_encode(pairs, opt)
+        for pair in pairs:
             result = check_pair(pair.image, pair.mask, predictor=opt.predictor, mode=qc, thresholds=opt.thresholds)
             pair.qc = result
             tally.add(result)

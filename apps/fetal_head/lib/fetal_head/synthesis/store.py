@@ -58,6 +58,19 @@ def real_labelled_pairs(ds) -> List[Tuple[str, str, str]]:
     return out
 
 
+def real_unlabelled_images(ds) -> List[Tuple[str, str]]:
+    """(image_id, image_path) of every real (non-synthetic) image without a final label: what a semi-supervised
+    generator learns the image distribution from. Synthetic images never are (a generator must not learn from
+    its own or another generator's output)."""
+    labelled = set(ds.get_labeled_images(FINAL))
+    out = []
+    for image_id in sorted(ds.list_images()):
+        if image_id in labelled or is_synthetic(image_id, ds.get_image_info(image_id)):
+            continue
+        out.append((image_id, ds.get_image_uri(image_id)))
+    return out
+
+
 def list_synthetic(ds) -> List[str]:
     return sorted(i for i in ds.list_images() if is_synthetic(i, ds.get_image_info(i)))
 
