@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the biometry tests under numpy 2.x in a small side environment (numpy, scipy, scikit-image, pillow,
-# pytest only: no torch, no monailabel, which today pin numpy < 2).
+# pytest, and pydicom < 3 because the HC18 reader's package `fetal_head.io` imports it; no torch, no monailabel,
+# which today pin numpy < 2).
 #
 # The app's own venv keeps numpy 1.x because monailabel 0.8.5 requires it; the next monailabel will not, and
 # scikit-image's EllipseModel broke on numpy 2 (TypeError, complex phi) — this is the check that biometry.py
@@ -15,9 +16,9 @@ PY=${PYTHON:-python3.11}
 VENV=${NP2_VENV:-.data/np2venv}
 STAMP="$VENV/.setup-done"
 if [ ! -f "$STAMP" ]; then
-  echo "check_numpy2: creating $VENV (numpy>=2, scipy, scikit-image, pillow, pytest)"
+  echo "check_numpy2: creating $VENV (numpy>=2, scipy, scikit-image, pillow, pydicom<3, pytest, pytest-timeout)"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q "numpy>=2" scipy scikit-image pillow pytest \
+  "$VENV/bin/python" -m pip install -q "numpy>=2" scipy scikit-image pillow "pydicom<3" pytest pytest-timeout \
     2> >(grep -v "WARNING: Location" >&2)
   touch "$STAMP"
 fi

@@ -1,4 +1,15 @@
-"""Shared fixtures: the real HC18 data beside the checkout, and a real `monailabel start_server` subprocess."""
+"""Shared fixtures: HC18 data (the full set beside the checkout when present, else the subset in tests/data), and
+a real `monailabel start_server` subprocess.
+
+HC18 data:
+- ``hc18``: the full 595-image set from ``HC18_DIR``, ``.data/hc18`` (scripts/get_hc18.py) or
+  ``../shared/data/hc18`` when it is there, else the 36-image subset shipped in ``tests/data/hc18_subset``
+  (24 test-split, 12 pool-split images). Most tests use this.
+- ``full_hc18``: the full set, or the test is skipped with one line saying why (no traceback).
+- ``hc18_subset``: always the shipped subset.
+Only numpy and pytest are imported here at module level, so tests that need nothing else (tests/test_biometry.py)
+also run in the small numpy-2 side environment of scripts/check_numpy2.sh.
+"""
 
 import os
 import shutil
@@ -11,11 +22,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "fetal_head"
-HC18 = Path(os.environ.get("HC18_DIR", REPO.parent / "shared" / "data" / "hc18"))
+if os.environ.get("HC18_DIR"):
+    HC18_FULL = Path(os.environ["HC18_DIR"])
+elif (REPO / ".data" / "hc18" / "images").is_dir():  # where scripts/get_hc18.py writes by default
+    HC18_FULL = REPO / ".data" / "hc18"
+else:
+    HC18_FULL = REPO.parent / "shared" / "data" / "hc18"
+HC18_SUBSET = REPO / "tests" / "data" / "hc18_subset"
+HAVE_FULL_HC18 = (HC18_FULL / "images").is_dir()
+HC18 = HC18_FULL if HAVE_FULL_HC18 else HC18_SUBSET  # the folder the ``hc18`` fixture reads
+FULL_HC18_MISSING = (f"needs the full HC18 set (595 images), not found at {HC18_FULL}: set HC18_DIR or run "
+                     f"scripts/get_hc18.py")
 
 sys.path.insert(0, str(APP_DIR / "lib"))  # the domain package works without installation too
 
@@ -30,18 +50,44 @@ def dice(a, b) -> float:
     return float(compute_dice(ta, tb, include_background=True, ignore_empty=False)[0, 0])
 
 
-@pytest.fixture(scope="session")
-def hc18():
-    if not (HC18 / "images").is_dir():
-        pytest.fail(f"HC18 data not found at {HC18} (set HC18_DIR)")
-    from fetal_head.hc18 import read_cases
+def read_hc18(folder: Path):
+    from fetal_head.io.hc18 import read_cases
 
-    return read_cases(str(HC18))
+    return read_cases(str(folder))
+
+
+def pytest_report_header(config):
+    if HAVE_FULL_HC18:
+        return f"HC18: full set at {HC18_FULL}"
+    return f"HC18: full set not found at {HC18_FULL}; using the subset {HC18_SUBSET} (full-set tests skip)"
+
+
+@pytest.fixture(scope="session")
+def hc18_subset():
+    """The 36-image HC18 subset shipped in tests/data (always there)."""
+    return read_hc18(HC18_SUBSET)
+
+
+@pytest.fixture(scope="session")
+def hc18(hc18_subset):
+    """The full HC18 set when it is beside the checkout (or at HC18_DIR), else the shipped subset."""
+    return read_hc18(HC18_FULL) if HAVE_FULL_HC18 else hc18_subset
+
+
+@pytest.fixture(scope="session")
+def full_hc18():
+    """The full HC18 set (the 595-image development set; 999 images after ``get_hc18.py --all``); skips the
+    test (one line, with the reason) when it is absent."""
+    if not HAVE_FULL_HC18:
+        pytest.skip(FULL_HC18_MISSING)
+    return read_hc18(HC18_FULL)
 
 
 def test_split(cases, split, n, seed=0):
     """n cases of a split, drawn with a fixed seed (deterministic across runs)."""
     pool = [c for c in cases if c.split == split]
+    if len(pool) < n:
+        pytest.skip(f"needs {n} {split}-split HC18 images, {len(pool)} available: {FULL_HC18_MISSING}")
     rng = np.random.default_rng(seed)
     return [pool[i] for i in sorted(rng.choice(len(pool), size=n, replace=False))]
 
@@ -70,6 +116,8 @@ class Server:
         self.log = log
         self._logf = open(log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        import requests
+
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -84,6 +132,8 @@ class Server:
         raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
 
     def alive(self) -> bool:
+        import requests
+
         return self.proc.poll() is None and requests.get(f"{self.url}/info/", timeout=30).ok
 
     def stop(self):

@@ -61,12 +61,15 @@ def ellipse_perimeter(a: float, b: float) -> float:
 def _spacing(pixel_size: PixelSize) -> Optional[Tuple[float, float]]:
     if pixel_size is None:
         return None
-    if isinstance(pixel_size, (int, float, np.floating)):
-        sx = sy = float(pixel_size)
-    else:
-        sx, sy = (float(v) for v in pixel_size)
+    try:
+        if np.ndim(pixel_size) == 0:
+            sx = sy = float(pixel_size)
+        else:
+            sx, sy = (float(v) for v in np.asarray(pixel_size, dtype=np.float64).ravel())
+    except (TypeError, ValueError) as e:
+        raise BiometryError(f"pixel size must be one number or (x, y) in mm, got {pixel_size!r}") from e
     if not (sx > 0 and sy > 0 and math.isfinite(sx) and math.isfinite(sy)):
-        raise ValueError(f"pixel size must be positive and finite, got {pixel_size!r}")
+        raise BiometryError(f"pixel size must be positive and finite, got {pixel_size!r}")
     return sx, sy
 
 
@@ -82,78 +85,190 @@ def _largest_contour(mask: np.ndarray) -> np.ndarray:
     largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
     component = np.pad(labels == largest, 1).astype(np.float32)  # pad so a head touching the border closes
     contours = measure.find_contours(component, 0.5)
+    if not contours:
+        raise BiometryError("the head region has no outline to fit an ellipse to")
     contour = max(contours, key=len) - 1.0 + np.array([r0, c0])  # undo the padding and the crop
     if len(contour) < 6:
         raise BiometryError("the head region is too small to fit an ellipse")
     return contour
 
 
-def _fit_ellipse(xy: np.ndarray):
-    """Least-squares ellipse (xc, yc, a, b, theta, model) through points, via scikit-image."""
-    if hasattr(measure.EllipseModel, "from_estimate"):  # scikit-image >= 0.26
-        model = measure.EllipseModel.from_estimate(xy)
-        ok = bool(model)
-    else:
-        model = measure.EllipseModel()
-        ok = model.estimate(xy)
-    if not ok:
+def _check_finite(*values: float) -> None:
+    if not all(math.isfinite(v) for v in values):
+        raise BiometryError("no finite ellipse could be fitted to the head outline")
+
+
+def _fit_ellipse(xy: np.ndarray) -> Tuple[float, float, float, float, float]:
+    """Least-squares ellipse through points: (xc, yc, a, b, theta), a >= b, theta the major axis' direction.
+
+    Hand-written on purpose: the library path breaks on numpy 2. With numpy 2.5 and scikit-image 0.26,
+    ``EllipseModel.from_estimate`` raises TypeError (a complex angle ``phi``) for every head (issue 11), and
+    OpenCV's ``fitEllipse`` is not a dependency. This is the method EllipseModel implements, in plain numpy: the
+    direct least-squares conic fit of Fitzgibbon et al. in the numerically stable form of Halir & Flusser
+    ("Numerically stable direct least squares fitting of ellipses", 1998), on points centred and scaled for
+    conditioning; only real eigenpairs are used, whatever dtype ``np.linalg.eig`` returns. On the 595 HC18 masks
+    it gives EllipseModel's ellipses to 1e-11 px, and the residuals (below) are exact instead of per-point
+    ``leastsq``, which makes ``measure_head`` about 10x faster.
+    """
+    if len(xy) < 6 or not np.all(np.isfinite(xy)):
+        raise BiometryError("the head outline has too few points to fit an ellipse")
+    origin = xy.mean(axis=0)
+    d = xy - origin
+    scale = float(d.std())
+    if not (math.isfinite(scale) and scale > np.finfo(np.float64).tiny):
+        raise BiometryError("the head outline is a single point: no ellipse can be fitted")
+    d = d / scale
+    x, y = d[:, 0], d[:, 1]
+    d1 = np.stack([x * x, x * y, y * y], axis=1)  # quadratic part of the design matrix
+    d2 = np.stack([x, y, np.ones_like(x)], axis=1)  # linear part
+    s1, s2, s3 = d1.T @ d1, d1.T @ d2, d2.T @ d2
+    t = -np.linalg.solve(s3, s2.T)  # linear coefficients = t @ quadratic ones
+    m = s1 + s2 @ t  # reduced scatter matrix
+    m = np.array([m[2] / 2.0, -m[1], m[0] / 2.0])  # inv(C1) @ m, C1 the 4ac - b^2 constraint matrix
+    vals, vecs = np.linalg.eig(m)
+    vals, vecs = np.asarray(vals), np.asarray(vecs)
+    best, best_cost = None, math.inf
+    for k in range(3):
+        v = vecs[:, k]
+        if abs(np.imag(vals[k])) > 1e-9 * max(1.0, abs(vals[k])):
+            continue  # a complex eigenvalue is never the ellipse
+        if np.iscomplexobj(v):  # a real eigenvalue's eigenvector, possibly carrying a complex phase
+            v = v * np.exp(-1j * np.angle(v[np.argmax(np.abs(v))]))
+            v = np.real(v)
+        v = np.asarray(v, dtype=np.float64)
+        cond = 4.0 * v[0] * v[2] - v[1] ** 2  # > 0: an ellipse
+        if not (np.all(np.isfinite(v)) and cond > 0):
+            continue
+        coef = np.concatenate([v, t @ v])
+        cost = float(np.sum((d1 @ v + d2 @ coef[3:]) ** 2) / cond)  # algebraic error, normalised
+        if cost < best_cost:
+            best, best_cost = coef, cost
+    if best is None:
         raise BiometryError("no ellipse could be fitted to the head outline")
-    if hasattr(model, "center"):
-        (xc, yc), (a, b), theta = model.center, model.axis_lengths, model.theta
-    else:
-        xc, yc, a, b, theta = model.params
-    return float(xc), float(yc), float(a), float(b), float(theta), model
+    a_, b_, c_, d_, e_, f_ = best  # a x^2 + b xy + c y^2 + d x + e y + f = 0
+    if a_ + c_ < 0:
+        a_, b_, c_, d_, e_, f_ = -best
+    x0, y0 = np.linalg.solve(np.array([[2 * a_, b_], [b_, 2 * c_]]), np.array([-d_, -e_]))
+    f0 = f_ + (d_ * x0 + e_ * y0) / 2.0  # the conic's value at its centre
+    lam, rot = np.linalg.eigh(np.array([[a_, b_ / 2.0], [b_ / 2.0, c_]]))  # ascending: major axis first
+    if not (lam[0] > 0 and f0 < 0):
+        raise BiometryError("no real ellipse could be fitted to the head outline")
+    a, b = math.sqrt(-f0 / lam[0]) * scale, math.sqrt(-f0 / lam[1]) * scale
+    theta = math.atan2(rot[1, 0], rot[0, 0])
+    xc, yc = float(x0) * scale + float(origin[0]), float(y0) * scale + float(origin[1])
+    _check_finite(xc, yc, a, b, theta)
+    return xc, yc, a, b, theta
+
+
+def _ellipse_distances(xy: np.ndarray, xc: float, yc: float, a: float, b: float, theta: float) -> np.ndarray:
+    """Shortest distance of each point to the ellipse (Eberly's robust method, vectorised bisection)."""
+    c, s = math.cos(theta), math.sin(theta)
+    dx, dy = xy[:, 0] - xc, xy[:, 1] - yc
+    y0, y1 = np.abs(c * dx + s * dy), np.abs(-s * dx + c * dy)  # first quadrant of the ellipse's own frame
+    e0, e1 = max(a, b), min(a, b)
+    if not e1 > 0:
+        return np.hypot(y0, y1)
+    x0, x1 = np.empty_like(y0), np.empty_like(y1)
+    off = y1 > 0
+    with np.errstate(all="ignore"):
+        # points off the major axis: the closest point solves G(t) = 0 (Eberly's G with t = s + 1, so that points
+        # near the centre, where t is tiny, keep full precision); G decreases in t, bracketed by [lo, hi]
+        z0, z1 = y0[off] / e0, y1[off] / e1
+        r0 = (e0 / e1) ** 2
+        g = z0**2 + z1**2 - 1
+        lo = z1
+        hi = np.where(g < 0, 1.0, np.hypot(r0 * z0, z1))
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            val = (r0 * z0 / (mid + (r0 - 1))) ** 2 + (z1 / mid) ** 2 - 1
+            pos = val > 0
+            lo, hi = np.where(pos, mid, lo), np.where(pos, hi, mid)
+        tbar = 0.5 * (lo + hi)
+        x0[off] = r0 * y0[off] / (tbar + (r0 - 1))
+        x1[off] = y1[off] / tbar
+        # points on the major axis
+        on = ~off
+        y0a = y0[on]
+        denom = e0**2 - e1**2
+        inner = (e0 * y0a < denom) if denom > 0 else np.zeros_like(y0a, dtype=bool)
+        xde = np.where(inner, e0 * y0a / (denom if denom > 0 else 1.0), 1.0)
+        x0[on] = e0 * xde
+        x1[on] = np.where(inner, e1 * np.sqrt(np.clip(1 - xde**2, 0, None)), 0.0)
+    return np.hypot(x0 - y0, x1 - y1)
 
 
 def measure_head(mask: np.ndarray, pixel_size: PixelSize = None, boundary_offset_px: float = HC18_BOUNDARY_OFFSET_PX) -> HeadBiometry:
     """Fit the head ellipse to ``mask`` (2D, nonzero = head) and measure HC, BPD and OFD.
 
     ``pixel_size`` is one number (isotropic) or (x, y) in mm; with it the fit happens in mm, so anisotropic
-    pixels are measured correctly, and the mm fields are filled.
+    pixels are measured correctly, and the mm fields are filled. Whatever the input, the only exception is
+    :class:`BiometryError` (a ``ValueError``), and every number returned is finite.
     """
-    mask = np.asarray(mask)
+    try:
+        mask = np.asarray(mask)
+    except (TypeError, ValueError) as e:
+        raise BiometryError(f"the mask is not an array: {e}") from e
+    if mask.dtype.kind not in "biuf":
+        raise BiometryError(f"expected a numeric or boolean mask, got dtype {mask.dtype}")
     if mask.ndim == 3 and mask.shape[-1] in (1, 3, 4):
         mask = mask[..., 0]
     mask = np.squeeze(mask)
     if mask.ndim != 2:
         raise BiometryError(f"expected a 2D mask, got shape {mask.shape}")
+    try:
+        offset = float(boundary_offset_px)
+    except (TypeError, ValueError) as e:
+        raise BiometryError(f"boundary_offset_px must be a number, got {boundary_offset_px!r}") from e
+    if not (math.isfinite(offset) and offset >= 0):
+        raise BiometryError(f"boundary_offset_px must be finite and >= 0, got {boundary_offset_px!r}")
     spacing = _spacing(pixel_size)
     contour = _largest_contour(mask > 0)
     xy_px = contour[:, ::-1].astype(np.float64)  # (col, row) = (x, y)
 
+    # Fit in mm (so anisotropic pixels are measured correctly), expressed in units of the larger spacing
+    # ``unit`` mm: the fit is scale-invariant, and any pixel size that is finite stays finite here.
     sx, sy = spacing if spacing else (1.0, 1.0)
-    xy = xy_px * np.array([sx, sy])
-    xc, yc, a, b, theta, model = _fit_ellipse(xy)
-    residuals = model.residuals(xy)
-    rms = float(np.sqrt(np.mean(residuals**2)))
-    if b > a:  # keep a as the semi-major axis
-        a, b, theta = b, a, theta + math.pi / 2
+    unit = max(sx, sy)
+    fx, fy = sx / unit, sy / unit
+    if not (fx > 0 and fy > 0):
+        raise BiometryError(f"pixel size {pixel_size!r}: the aspect ratio is out of range")
+    xy = xy_px * np.array([fx, fy])
+    try:
+        with np.errstate(all="ignore"):
+            xc, yc, a, b, theta = _fit_ellipse(xy)
+            rms = float(np.sqrt(np.mean(_ellipse_distances(xy, xc, yc, a, b, theta) ** 2)))
+    except (np.linalg.LinAlgError, FloatingPointError, OverflowError, ZeroDivisionError) as e:
+        raise BiometryError(f"no ellipse could be fitted to the head outline ({e})") from e
     theta = (theta + math.pi / 2) % math.pi - math.pi / 2
 
-    # Offset the outer boundary inwards by half a pixel (in the axis' own direction when anisotropic).
-    off_a = boundary_offset_px * math.hypot(sx * math.cos(theta), sy * math.sin(theta))
-    off_b = boundary_offset_px * math.hypot(sx * math.sin(theta), sy * math.cos(theta))
-    a_c, b_c = max(a - off_a, 1e-6), max(b - off_b, 1e-6)
+    # Offset the outer boundary inwards (in the axis' own direction when anisotropic).
+    off_a = offset * math.hypot(fx * math.cos(theta), fy * math.sin(theta))
+    off_b = offset * math.hypot(fx * math.sin(theta), fy * math.cos(theta))
+    floor = 1e-6 / unit  # 1e-6 mm
+    a_c, b_c = max(a - off_a, floor), max(b - off_b, floor)
 
     # Pixel-frame values: the same ellipse expressed in pixels along each axis direction.
-    pa = math.hypot(a_c * math.cos(theta) / sx, a_c * math.sin(theta) / sy)
-    pb = math.hypot(b_c * math.sin(theta) / sx, b_c * math.cos(theta) / sy)
+    pa = math.hypot(a_c * math.cos(theta) / fx, a_c * math.sin(theta) / fy)
+    pb = math.hypot(b_c * math.sin(theta) / fx, b_c * math.cos(theta) / fy)
     bio = HeadBiometry(
-        center_x_px=xc / sx,
-        center_y_px=yc / sy,
+        center_x_px=xc / fx,
+        center_y_px=yc / fy,
         semi_major_px=pa,
         semi_minor_px=pb,
         angle_deg=math.degrees(theta),
         hc_px=ellipse_perimeter(pa, pb),
         bpd_px=2 * pb,
         ofd_px=2 * pa,
-        fit_residual_px=rms / math.sqrt(sx * sy),
+        fit_residual_px=rms / math.sqrt(fx * fy),
     )
     if spacing:
         bio.pixel_size_mm = spacing
-        bio.hc_mm = ellipse_perimeter(a_c, b_c)
-        bio.bpd_mm = 2 * b_c
-        bio.ofd_mm = 2 * a_c
+        bio.hc_mm = ellipse_perimeter(a_c, b_c) * unit
+        bio.bpd_mm = 2 * b_c * unit
+        bio.ofd_mm = 2 * a_c * unit
+    values = [v for v in asdict(bio).values() if isinstance(v, float)]
+    if not all(math.isfinite(v) for v in values):
+        raise BiometryError(f"the head measures out of range (pixel size {pixel_size!r}): no finite result")
     return bio
 
 
