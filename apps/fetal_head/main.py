@@ -15,6 +15,7 @@ from typing import Dict
 
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
@@ -28,6 +29,7 @@ from fetal_head.io import ImageReadError
 from fetal_head.segmentation.model_store import ModelSource, ServedModel
 from fetal_head.segmentation.prompts import PromptError
 from lib.datastores.dicomweb import datastore_from_settings
+from lib.datastores.local import is_valid_tag
 from lib.infers.sam_infer import FetalHeadSamInfer
 from lib.trainers.sam_train import FetalHeadSamTrain
 from lib.trainers.synthesis_train import TRAIN_NAME as SYNTHESIS_TRAIN_NAME, SynthesisTrain
@@ -60,6 +62,22 @@ class FetalHeadApp(MONAILabelApp):
             labels=[LABEL_NAME],  # a list, as MONAI Label builds it: OHIF's panel appends to /info/'s labels
         )
 
+    def init_datastore(self):
+        """A folder: MONAI Label's local datastore made safe (ids/tags checked, final labels protected, atomic JSON;
+        lib/datastores/local.py). A URL: the DICOMweb datastore below."""
+        from monailabel.config import settings
+
+        from lib.datastores.local import FetalHeadDatastore, install_routes
+
+        if self.studies.startswith(("http://", "https://")):
+            datastore = super().init_datastore()
+        else:
+            datastore = FetalHeadDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                           auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                           read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+        install_routes(self.datastore)  # `force` flags and label history, in a running server only
+        return datastore
+
     def _init_dicomweb_datastore(self):
         """`--studies http://.../dicom-web`: ultrasound series from a PACS, final labels back as DICOM SEG."""
         return datastore_from_settings(self.studies)
@@ -88,6 +106,12 @@ class FetalHeadApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         """MONAI Label's infer, plus: the image's pixel size from the datastore, and 4xx answers for bad input."""
         datastore = datastore or self.datastore()
+        if "label_tag" in request and not is_valid_tag(request["label_tag"]):
+            raise HTTPException(status_code=422, detail=f"invalid label_tag {str(request['label_tag'])[:100]!r}: "
+                                                        "letters, digits, '_' or '-'")
+        if request.get("save_label") and request.get("label_tag") == DefaultLabelTag.FINAL.value:  # "false" too
+            raise HTTPException(status_code=403, detail="/infer never writes a final label: review the result and "
+                                                        "submit it with PUT /datastore/label")
         image_id = request.get("image")
         if isinstance(image_id, str) and image_id and not _is_uploaded_file(image_id):
             # an id, never a server path: MONAI Label would read any existing file named in `image`

@@ -6,6 +6,9 @@ and converts labels back with dcmqi (downloaded from GitHub at start). For ultra
 - lists US series (unless ``MONAI_LABEL_DICOMWEB_SEARCH_FILTER`` is set) and refuses other modalities with a 422;
 - caches each series as the DICOM files Orthanc stores (``transfer-syntax=*``: no transcoding), so the infer task
   reads the pixels *and* the region calibration (pixel size in mm) with :func:`fetal_head.io.dicom_us.read_ultrasound`;
+- checks ids and tags as the local datastore does (lib/datastores/local.py): images are never added or deleted
+  through this server (405), a final label is replaced only with ``force`` (the previous cached label goes to
+  ``labels/final/.history/<id>/``; its SEG stays in the PACS), clients cannot set the synthesis keys;
 - writes a final label as a DICOM SEG with highdicom (:func:`fetal_head.io.dicom_us.segmentation_from_mask`) that
   references its source instance, and stores it with STOW-RS. Nothing on the server is modified or deleted: a SEG
   is always a new instance in a new series.
@@ -33,6 +36,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from fetal_head.io import ImageReadError, write_mask_png
+from lib.datastores.local import HISTORY_DIR, _stamp, check_image_id, check_tag, flag, refuse_provenance_keys
 
 logger = logging.getLogger(__name__)
 
@@ -234,10 +238,13 @@ class UltrasoundDICOMwebDatastore(DICOMWebDatastore):
 
     @_http_errors
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
-                   label_id: str = "") -> str:
-        """Store a label for a series. Final labels become a DICOM SEG in the PACS (STOW-RS, a new series)."""
+                   label_id: str = "", force: bool = False) -> str:
+        """Store a label for a series. Final labels become a DICOM SEG in the PACS (STOW-RS, a new series); a
+        series that has a final label needs ``force`` (the previous cached label is kept in the history)."""
         from fetal_head.io.dicom_us import read_ultrasound, segmentation_from_mask
 
+        label_info = dict(label_info or {})
+        force = flag(label_info.pop("force", force))
         label_tag = label_tag or DefaultLabelTag.FINAL.value
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", label_tag):
             raise LabelError(f"label tag {label_tag!r} must be letters, digits, '_' or '-'")
@@ -251,13 +258,21 @@ class UltrasoundDICOMwebDatastore(DICOMWebDatastore):
         mask = read_label(label_filename, frame.pixels.shape)
         saved = {"label_tag": label_tag, "frame_index": frame.frame_index,
                  "ReferencedSOPInstanceUID": frame.sop_instance_uid}
+        png = self._label_png(image_id, label_tag)
+        if label_tag == DefaultLabelTag.FINAL.value and (os.path.isfile(png) or image_id in self.get_labeled_images()):
+            if not force:
+                raise HTTPException(status_code=409, detail=f"series {image_id} has a final label; replacing it "
+                                                            "needs force=true (the previous one is kept)")
+            if os.path.isfile(png):
+                history = os.path.join(os.path.dirname(png), HISTORY_DIR, image_id)
+                os.makedirs(history, exist_ok=True)
+                os.replace(png, os.path.join(history, _stamp() + ".png"))
         if label_tag == DefaultLabelTag.FINAL.value:
             seg = segmentation_from_mask(mask, frame.dataset, frame.frame_index)
             self._client.store_instances([seg])
             self._clear_query_caches()
             saved.update({"SeriesInstanceUID": str(seg.SeriesInstanceUID), "SOPInstanceUID": str(seg.SOPInstanceUID)})
             logger.info(f"stored DICOM SEG {seg.SOPInstanceUID} for series {image_id}")
-        png = self._label_png(image_id, label_tag)
         os.makedirs(os.path.dirname(png), exist_ok=True)
         write_mask_png(mask, png + ".tmp.png")
         os.replace(png + ".tmp.png", png)
@@ -298,6 +313,41 @@ class UltrasoundDICOMwebDatastore(DICOMWebDatastore):
         os.makedirs(os.path.dirname(png), exist_ok=True)
         write_mask_png(mask, png)
         return png
+
+    # ---- writes a client may not do here, and checked info updates ----
+
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any], *args, **kwargs) -> str:
+        raise HTTPException(status_code=405, detail="images come from the DICOMweb server: store them there")
+
+    def remove_image(self, image_id: str, *args, **kwargs) -> None:
+        raise HTTPException(status_code=405, detail="this server never deletes from the DICOMweb server")
+
+    def remove_label(self, label_id: str, label_tag: str, force: bool = False) -> None:
+        """A cached non-final label can be removed; a final label is a DICOM SEG in the PACS and is never deleted."""
+        check_image_id(label_id)
+        check_tag(label_tag)
+        if label_tag == DefaultLabelTag.FINAL.value:
+            raise HTTPException(status_code=409, detail="final labels are DICOM SEGs in the PACS, which this server "
+                                                        "never deletes; save a corrected label (force=true) instead")
+        png = self._label_png(label_id, label_tag)
+        if not os.path.isfile(png):
+            raise HTTPException(status_code=404, detail=f"series {label_id} has no '{label_tag}' label")
+        os.unlink(png)
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        check_image_id(image_id)
+        refuse_provenance_keys(info)
+        if image_id not in self._datastore.objects:
+            raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the local cache")
+        super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        check_image_id(label_id)
+        check_tag(label_tag)
+        refuse_provenance_keys(info)
+        if not self._datastore.label(label_id, label_tag):
+            raise HTTPException(status_code=404, detail=f"series {label_id} has no '{label_tag}' label in the cache")
+        super().update_label_info(label_id, label_tag, info)
 
     def datalist(self, full_path=True) -> List[Dict[str, Any]]:
         """Training pairs: each labelled series' cached image file and its final label as a PNG."""
