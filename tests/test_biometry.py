@@ -129,7 +129,7 @@ def test_fit_matches_closed_form_residual_of_a_perfect_ellipse():
 # ---- fuzz: whatever the mask and pixel size, only BiometryError escapes, and what is returned is finite ----
 
 FUZZ_SEED = 20261126
-FUZZ_CASES = 3000
+FUZZ_CASES = 2000
 BAD_PIXEL_SIZES = [0, 0.0, -1.0, -1e-9, float("nan"), float("inf"), -float("inf"), (0.1, 0.0), (0.0, 0.1),
                    (0.1, -0.2), (float("nan"), 0.1), (0.1, float("inf")), "abc", (0.1, 0.2, 0.3), (), [None, 1]]
 EXTREME_PIXEL_SIZES = [1e308, (1e308, 1e308), (1e308, 1e-308), (1e-308, 1e308), 5e-324, (5e-324, 1.0), 1e-300,
@@ -251,10 +251,10 @@ def test_fuzz_only_biometry_error_escapes_and_results_are_finite():
         except AssertionError as e:
             pytest.fail(f"case {i} ({kind}, pixel size {pixel_size!r}, offset {offset}): non-finite result: {e}")
     # huge masks, and odd inputs that are not arrays of numbers at all
-    huge = np.zeros((3000, 4000), np.uint8)
-    rr, cc = ellipse(1500, 2000, 1400, 1900, shape=huge.shape, rotation=0.3)
+    huge = np.zeros((2000, 3000), np.uint8)  # ~8x an ultrasound frame
+    rr, cc = ellipse(1000, 1500, 950, 1400, shape=huge.shape, rotation=0.3)
     huge[rr, cc] = 1
-    specials = [(huge, 0.05), (np.ones((3000, 4000), bool), None), (np.ones((2, 20000), np.uint8), 1e308),
+    specials = [(huge, 0.05), (np.ones((2000, 3000), bool), None), (np.ones((2, 20000), np.uint8), 1e308),
                 (np.zeros((5, 5, 5)), None), (np.zeros(10), None), (np.array(1.0), None), (np.array([["a", "b"]]), None),
                 (np.ones((9, 9), complex), None), (np.array([[None, 1], [1, 1]], dtype=object), None), ([[1, 2], [3]], None),
                 ("mask", None), (None, None)]
