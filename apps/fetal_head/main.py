@@ -10,7 +10,7 @@ MONAI Label's own SAM2 task is not registered: it downloads weights at start, an
 
 import logging
 import os
-import tempfile
+import sys
 from typing import Dict
 
 from fastapi import HTTPException
@@ -26,11 +26,13 @@ from fetal_head import __version__
 from fetal_head.biometry import BiometryError
 from fetal_head.io.hc18 import LABEL_NAME, PIXEL_SIZE_KEY
 from fetal_head.io import ImageReadError
+from fetal_head.io.common import ImageTooLargeError, set_max_pixels
 from fetal_head.segmentation.model_store import ModelSource, ServedModel
 from fetal_head.segmentation.prompts import PromptError
 from lib.datastores.dicomweb import datastore_from_settings
 from lib.datastores.local import is_valid_tag
-from lib.infers.sam_infer import FetalHeadSamInfer
+from lib import server_guard
+from lib.infers.sam_infer import FetalHeadSamInfer, RequestOptionError
 from lib.trainers.sam_train import FetalHeadSamTrain
 from lib.trainers.synthesis_train import TRAIN_NAME as SYNTHESIS_TRAIN_NAME, SynthesisTrain
 
@@ -42,6 +44,8 @@ AUTO_INFER_NAME = "fetal_head_auto"
 
 class FetalHeadApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        if conf.get("max_image_pixels"):  # checked from each file's header, before decoding
+            set_max_pixels(conf["max_image_pixels"])
         self.model_dir = os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
         self.source = ModelSource(
@@ -103,6 +107,19 @@ class FetalHeadApp(MONAILabelApp):
     def init_strategies(self) -> Dict[str, Strategy]:
         return {"random": Random(), "first": First()}
 
+    def on_init_complete(self):
+        super().on_init_complete()
+        if "monailabel.app" in sys.modules:  # the server (not the train child process): guarded infer/train routes
+            server_guard.install(sys.modules["monailabel.app"].app, self, int(self.conf.get("infer_workers", 2)))
+
+    def train(self, request):
+        """MONAI Label's train, with the options checked by the trainer's own parser first."""
+        task = self._trainers.get(request.get("model"))
+        validate = getattr(task, "validate_request", None)
+        if validate is not None:
+            validate(request)
+        return super().train(request)
+
     def infer(self, request, datastore=None):
         """MONAI Label's infer, plus: the image's pixel size from the datastore, and 4xx answers for bad input."""
         datastore = datastore or self.datastore()
@@ -121,20 +138,24 @@ class FetalHeadApp(MONAILabelApp):
                 pixel_size = datastore.get_image_info(image_id).get(PIXEL_SIZE_KEY)
                 if pixel_size:
                     request = {**request, "pixel_size_mm": pixel_size}
+        if request.get("model") not in self._infers:
+            raise HTTPException(status_code=404, detail=f"model '{request.get('model')}' not found")
         try:
             return super().infer(request, datastore)
-        except (ImageReadError, PromptError, BiometryError) as e:
+        except ImageTooLargeError as e:
+            raise HTTPException(status_code=413, detail=f"{type(e).__name__}: {e}") from e
+        except (ImageReadError, PromptError, RequestOptionError, BiometryError) as e:
             raise HTTPException(status_code=422, detail=f"{type(e).__name__}: {e}") from e
 
 
 def _is_uploaded_file(path: str) -> bool:
-    """A file MONAI Label's infer endpoint saved from the request (temp dir) or a session image."""
+    """A file the current request uploaded (never any other file in a temp folder) or a session image."""
     from monailabel.config import settings
 
     if not os.path.isfile(path):
         return False
     real = os.path.realpath(path)
-    if os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()):  # NamedTemporaryFile of an upload
+    if real in server_guard.current_uploads():
         return True
     sessions = settings.MONAI_LABEL_SESSION_PATH
     return bool(sessions) and real.startswith(os.path.realpath(sessions) + os.sep)

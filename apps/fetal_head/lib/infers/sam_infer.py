@@ -17,6 +17,10 @@ from fetal_head.segmentation.prompts import PromptError, pixel_size_from_request
 logger = logging.getLogger(__name__)
 
 
+class RequestOptionError(ValueError):
+    """An infer request option other than the prompt (``frame``, ``result_extension``) that cannot be used."""
+
+
 def _frame_index(value) -> Union[int, None]:
     """The request option ``frame``: a 0-based frame index of a multi-frame DICOM (None: the file's default)."""
     if value is None or value == "":
@@ -26,7 +30,7 @@ def _frame_index(value) -> Union[int, None]:
             raise ValueError
         return int(float(value))
     except (TypeError, ValueError, OverflowError):
-        raise PromptError(f"'frame' must be a whole number (0-based frame index), got {value!r}") from None
+        raise RequestOptionError(f"'frame' must be a whole number (0-based frame index), got {value!r}") from None
 
 
 class FetalHeadSamInfer(InferTask):
@@ -60,12 +64,11 @@ class FetalHeadSamInfer(InferTask):
         t0 = time.time()
         prompt = prompt_from_request(request)
         pixel_size = pixel_size_from_request(request.get("pixel_size_mm"))
-        image = request.get("image_array")
-        dicom = None  # a DICOM input's calibration and frame
-        if image is None:
-            image, dicom_spacing, dicom = read_frame(request["image"], frame=_frame_index(request.get("frame")))
-            if pixel_size is None:  # the request's (or datastore's) pixel size wins over the file's
-                pixel_size = dicom_spacing
+        suffix = _result_suffix(request)  # refuse a bad option before the expensive work
+        # the image only ever comes from a file (never an array in the request: clients must not inject one)
+        image, dicom_spacing, dicom = read_frame(request["image"], frame=_frame_index(request.get("frame")))
+        if pixel_size is None:  # the request's (or datastore's) pixel size wins over the file's
+            pixel_size = dicom_spacing
         predictor = self.model.get()
         hits_before = predictor.cache_hits
         t1 = time.time()
@@ -92,7 +95,7 @@ class FetalHeadSamInfer(InferTask):
             result["frame"] = {"index": dicom["frame_index"], "count": dicom["n_frames"]}
         if pixel_size is None and result.get("biometry"):
             result["biometry_note"] = "pixel size unknown: measurements are in pixels only"
-        label_file = tempfile.NamedTemporaryFile(suffix=_result_suffix(request), delete=False).name
+        label_file = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
         write_mask(pred.mask, label_file, spacing_mm=pixel_size)
         result["latencies"] = {
             "pre": round(t1 - t0, 3),
@@ -113,5 +116,5 @@ def _result_suffix(request) -> str:
     """The label file's format: PNG by default; OHIF's MONAI Label panel asks for ``result_extension: .nrrd``."""
     suffix = request.get("result_extension") or ".png"
     if suffix not in RESULT_SUFFIXES:
-        raise PromptError(f"result_extension {suffix!r} is not supported; use one of {', '.join(RESULT_SUFFIXES)}")
+        raise RequestOptionError(f"result_extension {suffix!r} is not supported; use one of {', '.join(RESULT_SUFFIXES)}")
     return suffix

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, fields
@@ -34,26 +35,70 @@ logger = logging.getLogger(__name__)
 
 
 
-def _as_bool(v: Any) -> bool:
-    return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes", "on")
+try:  # one boolean parser for both trainers, where it exists
+    from lib.trainers.options import parse_bool as _as_bool
+except ImportError:
+    def _as_bool(v: Any) -> bool:
+        return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes", "on")
+
+
+class TrainOptionError(ValueError):
+    """A train request option that cannot be used (the server answers 422 before any job starts)."""
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("a boolean is not a whole number")
+    f = float(v)
+    if not math.isfinite(f) or f != int(f):
+        raise ValueError("not a whole number")
+    return int(f)
+
+
+def _float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError("a boolean is not a number")
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError("not a finite number")
+    return f
+
+
+TRAIN_ENCODER_MODES = ("frozen", "lora", "full")
+# (lowest, highest) allowed per numeric option, None: unbounded
+RANGES = {"max_epochs": (1, 10_000), "train_batch_size": (1, 1024), "max_real_labels": (0, None), "seed": (0, None),
+          "max_jitter": (0, 1000), "learning_rate": (1e-12, 1.0), "weight_decay": (0.0, 10.0),
+          "world_size": (1, 64), "lora_rank": (1, 256)}
 
 
 def config_from_request(request: Dict[str, Any]) -> TrainConfig:
-    """TrainConfig from a train request; unknown keys (model, gpus, local_rank, ...) are ignored."""
+    """TrainConfig from a train request; unknown keys (model, gpus, local_rank, ...) are ignored.
+
+    Raises :class:`TrainOptionError` (a ValueError) naming the option for any value that cannot be used, so the
+    server refuses the request before a job starts.
+    """
     cfg = TrainConfig()
-    casts = {"max_epochs": int, "train_batch_size": int, "max_real_labels": int, "seed": int, "max_jitter": int,
-             "val_split": float, "learning_rate": float, "weight_decay": float, "synthetic_share": float,
-             "flip": _as_bool, "train_encoder": str, "automatic_head": _as_bool, "world_size": int,
-             "lora_rank": int}
+    casts = {"max_epochs": _int, "train_batch_size": _int, "max_real_labels": _int, "seed": _int, "max_jitter": _int,
+             "val_split": _float, "learning_rate": _float, "weight_decay": _float, "synthetic_share": _float,
+             "flip": _as_bool, "train_encoder": str, "automatic_head": _as_bool, "world_size": _int,
+             "lora_rank": _int}
     for f in fields(TrainConfig):
         if f.name in request and request[f.name] is not None and f.name in casts:
-            setattr(cfg, f.name, casts[f.name](request[f.name]))
+            value = request[f.name]
+            try:
+                setattr(cfg, f.name, casts[f.name](value))
+            except (TypeError, ValueError, OverflowError) as e:
+                raise TrainOptionError(f"train option {f.name!r}: cannot use {value!r} ({e})") from None
+    for name, (lo, hi) in RANGES.items():
+        v = getattr(cfg, name)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise TrainOptionError(f"train option {name!r} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v!r}")
+    if cfg.train_encoder not in TRAIN_ENCODER_MODES:
+        raise TrainOptionError(f"train option 'train_encoder' must be one of {TRAIN_ENCODER_MODES}, got {cfg.train_encoder!r}")
     if not 0 <= cfg.val_split < 1:
-        raise ValueError(f"val_split must be in [0, 1), got {cfg.val_split}")
+        raise TrainOptionError(f"train option 'val_split' must be in [0, 1), got {cfg.val_split}")
     if not 0 <= cfg.synthetic_share < 1:
-        raise ValueError(f"synthetic_share must be in [0, 1), got {cfg.synthetic_share}")
-    if cfg.world_size < 1:
-        raise ValueError(f"world_size must be at least 1, got {cfg.world_size}")
+        raise TrainOptionError(f"train option 'synthetic_share' must be in [0, 1), got {cfg.synthetic_share}")
     gpus = requested_gpus(request)
     if gpus:
         cfg.world_size = len(gpus)
@@ -79,6 +124,14 @@ class FetalHeadSamTrain(TrainTask):
         super().__init__("Fine-tune the SAM mask decoder on the datastore's final labels (box, click, automatic)")
         self.source = source
         self.cache_dir = cache_dir or os.path.join(source.model_dir, "embedding_cache")
+
+    def validate_request(self, request: Dict[str, Any]) -> None:
+        """Refuse unusable options before a job starts (the app calls this from ``POST /train``)."""
+        config_from_request(request)
+        if _as_bool(request.get("multi_gpu", False)):
+            gpus = str(request.get("gpus") or "all").strip()
+            if gpus != "all" and not all(g.strip().isdigit() for g in gpus.split(",") if g.strip()):
+                raise TrainOptionError(f"train option 'gpus' must be 'all' or GPU ids like '0,1', got {gpus!r}")
 
     def config(self):
         c = asdict(TrainConfig())
@@ -128,6 +181,12 @@ class FetalHeadSamTrain(TrainTask):
         items = self.labelled_images(datastore)
         logger.info(f"{len(items)} labelled images in the datastore ({sum(i.synthetic for i in items)} synthetic)")
         summary = finetune(predictor, items, cfg, self.cache_dir)
+        steps = sum(int(r.get("steps", 1)) for r in summary.get("history", []))
+        if not summary.get("train_images") or not summary.get("history") or steps == 0:
+            # nothing was learnt: the served model stays (an untrained checkpoint must never replace it)
+            logger.warning("training ran zero steps (no epoch or no training image): the served model is kept")
+            return {"skipped": "training ran zero steps: the served model is kept", "model": None,
+                    "labels_used": len(summary.get("train_images", [])), "seconds": round(time.time() - t0, 1)}
         meta = checkpoint_meta(summary, base_version)
         meta["seconds"] = round(time.time() - t0, 1)
         path = save_finetuned(predictor.model, predictor_model_type(self.source, base_version), self.source.model_dir, meta)

@@ -6,11 +6,38 @@ from __future__ import annotations
 import numpy as np
 
 MIN_SIDE = 2  # a prompt needs at least a 2x2 grid; a 1x1 "image" is refused with a message
-MAX_PIXELS = 64_000_000  # guard against decompression bombs; far above any ultrasound frame
+MAX_PIXELS = 64_000_000  # guard against decompression bombs; far above any ultrasound frame (--conf max_image_pixels)
 
 
 class ImageReadError(ValueError):
     """The file is not a usable 2D image (corrupt, empty, truncated, unsupported)."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """The image's header announces more pixels than the limit (checked before decoding: decompression bombs)."""
+
+
+def set_max_pixels(limit) -> int:
+    """Set the pixel limit every reader checks before decoding (the app's ``--conf max_image_pixels``)."""
+    global MAX_PIXELS
+    value = int(float(limit))
+    if value < MIN_SIDE * MIN_SIDE:
+        raise ValueError(f"max_image_pixels must be at least {MIN_SIDE * MIN_SIDE}, got {limit!r}")
+    MAX_PIXELS = value
+    from PIL import Image
+
+    # Pillow's own guard (a DecompressionBombError above twice its limit) must not fire below ours
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, value)
+    return value
+
+
+def check_pixel_count(width: int, height: int, frames: int = 1) -> None:
+    """Refuse, from the header's sizes alone, an image larger than :data:`MAX_PIXELS` (all frames together)."""
+    total = int(width) * int(height) * max(int(frames), 1)
+    if total > MAX_PIXELS:
+        what = f"{int(width)}x{int(height)}" + (f"x{int(frames)} frames" if int(frames) > 1 else "")
+        raise ImageTooLargeError(f"image of {what} = {total} pixels is larger than the limit of {MAX_PIXELS} pixels "
+                                 "(server option max_image_pixels)")
 
 
 def to_gray_uint8(array: np.ndarray) -> np.ndarray:

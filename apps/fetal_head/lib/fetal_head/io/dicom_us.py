@@ -19,18 +19,23 @@ Rules chosen here (one place each):
   first frame; ``frame`` is 0-based.
 * Modality must be US (``modalities`` widens it, e.g. ``("US", "OT")`` for secondary captures); anything else is
   refused, so a CT or MR series gets a clear error rather than a meaningless head measurement.
-* Calibration: ``SequenceOfUltrasoundRegions`` (2D regions in cm: the one containing the image centre, the largest
-  if several or none do), else ``PixelSpacing`` (mm), else none (measurements in pixels). X and Y within 1 % give
+* Calibration: a per-frame ``PixelMeasuresSequence`` (enhanced multi-frame cine), else
+  ``SequenceOfUltrasoundRegions`` (2D regions in cm: the B-mode ones, ``RegionDataType`` 1, when any is typed so;
+  of those the one containing the head, or the image centre, the largest if several or none do; a calibration
+  warning in the note and the log when the choice is ambiguous, see :func:`select_region`), else a shared
+  ``PixelMeasuresSequence``, else ``PixelSpacing`` (mm), else none (measurements in pixels). X and Y within 1 % give
   ``pixel_size_mm`` (their mean); otherwise ``pixel_size_mm`` is None and ``pixel_spacing_mm`` = (x, y) carries
   both, which the biometry measures correctly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -48,7 +53,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from .common import MIN_SIDE, ImageReadError, to_gray_uint8
+from .common import MIN_SIDE, ImageReadError, check_pixel_count, to_gray_uint8
+
+logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 CM_UNITS = 3  # PhysicalUnitsX/YDirection code for cm (PS3.3 C.8.5.5.1.15)
@@ -114,23 +121,101 @@ def series_instance_file(directory: str) -> str:
     return sorted(found)[0][2]
 
 
-def _calibration(ds: Dataset) -> Tuple[Optional[Tuple[float, float]], str, str]:
-    """(x, y) pixel spacing in mm, its source and a note for people."""
+TISSUE = 1  # RegionDataType 1: tissue (the B-mode image); 2..: colour flow, PW/CW Doppler, M-mode, ...
+
+
+def _region_box(r) -> Tuple[int, int, int, int]:
+    return (int(r.RegionLocationMinX0), int(r.RegionLocationMinY0), int(r.RegionLocationMaxX1),
+            int(r.RegionLocationMaxY1))
+
+
+def _region_area(r) -> int:
+    x0, y0, x1, y1 = _region_box(r)
+    return (x1 - x0 + 1) * (y1 - y0 + 1)
+
+
+def _contains(r, x: float, y: float) -> bool:
+    x0, y0, x1, y1 = _region_box(r)
+    return x0 <= x <= x1 and y0 <= y <= y1
+
+
+def _region_spacing(r) -> Tuple[float, float]:
+    return float(r.PhysicalDeltaX) * 10, float(r.PhysicalDeltaY) * 10
+
+
+def select_region(ds: Dataset, head_xy: Optional[Tuple[float, float]] = None):
+    """(region, note, ambiguous) among the calibrated 2D regions of ``SequenceOfUltrasoundRegions``, or None.
+
+    A scanner may send several regions (a B-mode image beside a Doppler strip, a thumbnail, a dual view). Chosen:
+    the tissue (B-mode, ``RegionDataType`` 1) regions if any is typed so, else all; among them the ones that
+    contain the head (``head_xy``, e.g. the prompt's centre; default the image centre); the largest of those
+    (or of all, when none contains it). Ambiguous, and said in the note: several candidate regions containing
+    the head with different calibrations, or no region typed as tissue.
+    """
     regions = [
         r for r in ds.get("SequenceOfUltrasoundRegions", [])
         if r.get("PhysicalUnitsXDirection") == CM_UNITS and r.get("PhysicalUnitsYDirection") == CM_UNITS
-        and r.get("RegionSpatialFormat", 1) == 1 and float(r.get("PhysicalDeltaX", 0)) > 0
-        and float(r.get("PhysicalDeltaY", 0)) > 0
+        and r.get("RegionSpatialFormat", 1) == 1 and float(r.get("PhysicalDeltaX", 0) or 0) > 0
+        and float(r.get("PhysicalDeltaY", 0) or 0) > 0
+        and all(k in r for k in ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1",
+                                 "RegionLocationMaxY1"))
     ]
-    if regions:
-        cx, cy = (int(ds.Columns) - 1) / 2, (int(ds.Rows) - 1) / 2
-        box = lambda r: (r.RegionLocationMinX0, r.RegionLocationMinY0, r.RegionLocationMaxX1, r.RegionLocationMaxY1)
-        area = lambda r: (box(r)[2] - box(r)[0] + 1) * (box(r)[3] - box(r)[1] + 1)
-        central = [r for r in regions if box(r)[0] <= cx <= box(r)[2] and box(r)[1] <= cy <= box(r)[3]]
-        region = max(central or regions, key=area)
-        spacing = (float(region.PhysicalDeltaX) * 10, float(region.PhysicalDeltaY) * 10)
-        where = "containing the image centre" if central else "largest; none contains the image centre"
-        return spacing, "SequenceOfUltrasoundRegions", f"ultrasound region {box(region)} ({where}), cm -> mm"
+    if not regions:
+        return None, "", False
+    notes, ambiguous = [], False
+    tissue = [r for r in regions if r.get("RegionDataType") == TISSUE]
+    if tissue:
+        candidates, kind = tissue, "B-mode (tissue)"
+        if len(tissue) < len(regions):
+            notes.append(f"{len(regions) - len(tissue)} non-tissue region(s) ignored")
+    else:
+        candidates, kind = regions, "untyped"
+        if len(regions) > 1:
+            ambiguous = True
+            notes.append("no region is typed as tissue (RegionDataType 1): check the calibration")
+    if head_xy is None:
+        hx, hy, where = (int(ds.Columns) - 1) / 2, (int(ds.Rows) - 1) / 2, "the image centre"
+    else:
+        (hx, hy), where = head_xy, f"the head ({head_xy[0]:g}, {head_xy[1]:g})"
+    containing = [r for r in candidates if _contains(r, hx, hy)]
+    region = max(containing or candidates, key=_region_area)
+    if len(containing) > 1 and len({tuple(round(v, 6) for v in _region_spacing(r)) for r in containing}) > 1:
+        ambiguous = True
+        notes.append(f"{len(containing)} {kind} regions with different calibrations contain {where}: "
+                     "the largest is used, check the calibration")
+    head = f"containing {where}" if containing else f"largest; none contains {where}"
+    note = f"{kind} ultrasound region {_region_box(region)} ({head}), cm -> mm"
+    return region, "; ".join([note] + notes), ambiguous
+
+
+def _frame_pixel_measures(ds: Dataset, frame: int) -> Optional[Tuple[Tuple[float, float], str]]:
+    """(x, y) mm of ``frame`` from the functional groups (enhanced multi-frame): per-frame, else shared."""
+    for name, groups in (("per-frame", ds.get("PerFrameFunctionalGroupsSequence")),
+                         ("shared", ds.get("SharedFunctionalGroupsSequence"))):
+        if not groups:
+            continue
+        item = groups[frame] if name == "per-frame" and frame < len(groups) else groups[0]
+        for measures in item.get("PixelMeasuresSequence", []):
+            ps = measures.get("PixelSpacing")
+            if ps is not None and len(ps) == 2 and min(float(v) for v in ps) > 0:
+                row, col = (float(v) for v in ps)
+                return (col, row), f"PixelMeasuresSequence ({name} functional group, frame {frame}), mm"
+    return None
+
+
+def _calibration(ds: Dataset, frame: int = 0, head_xy=None) -> Tuple[Optional[Tuple[float, float]], str, str]:
+    """(x, y) pixel spacing in mm, its source and a note for people (a calibration warning when ambiguous)."""
+    per_frame = _frame_pixel_measures(ds, frame)
+    if per_frame is not None and ds.get("PerFrameFunctionalGroupsSequence"):
+        return per_frame[0], "PixelMeasuresSequence", per_frame[1]
+    region, note, ambiguous = select_region(ds, head_xy)
+    if region is not None:
+        if ambiguous:
+            logger.warning(f"calibration of {ds.get('SOPInstanceUID', '?')}: {note}")
+            note = "calibration warning: " + note
+        return _region_spacing(region), "SequenceOfUltrasoundRegions", note
+    if per_frame is not None:
+        return per_frame[0], "PixelMeasuresSequence", per_frame[1]
     if "PixelSpacing" in ds and len(ds.PixelSpacing) == 2 and min(float(v) for v in ds.PixelSpacing) > 0:
         row, col = (float(v) for v in ds.PixelSpacing)  # DICOM order: between rows (y), between columns (x)
         return (col, row), "PixelSpacing", "PixelSpacing (mm)"
@@ -168,9 +253,13 @@ def _to_gray(frame: np.ndarray, ds: Dataset) -> np.ndarray:
 
 
 def read_ultrasound(
-    path: PathLike, frame: Optional[int] = None, modalities: Sequence[str] = ("US",)
+    path: PathLike, frame: Optional[int] = None, modalities: Sequence[str] = ("US",),
+    head_xy: Optional[Tuple[float, float]] = None,
 ) -> UltrasoundFrame:
-    """Read one frame of a US DICOM file, or of the series in a directory (see the module rules)."""
+    """Read one frame of a US DICOM file, or of the series in a directory (see the module rules).
+
+    ``head_xy`` (x, y), where known (e.g. the prompt's centre), picks the ultrasound region that contains the head
+    when the file has several (default: the image centre)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = series_instance_file(path)
@@ -199,6 +288,7 @@ def read_ultrasound(
     if not 0 <= frame < n_frames:
         raise DicomReadError(
             f"frame index {frame} is out of range: this file has {n_frames} frame(s), valid 0..{n_frames - 1}")
+    check_pixel_count(int(ds.get("Columns") or 0), int(ds.get("Rows") or 0), n_frames)  # before decoding
     frames = _decode(ds)
     samples = int(ds.get("SamplesPerPixel", 1))
     one = frames[frame] if n_frames > 1 else frames
@@ -207,7 +297,7 @@ def read_ultrasound(
     pixels = _to_gray(one, ds)
     if min(pixels.shape) < MIN_SIDE:
         raise DicomReadError(f"image of {pixels.shape[1]}x{pixels.shape[0]} pixels is too small to segment")
-    spacing, source, note = _calibration(ds)
+    spacing, source, note = _calibration(ds, frame, head_xy)
     size = None
     if spacing is not None:
         if abs(spacing[0] - spacing[1]) <= ANISOTROPY_TOLERANCE * max(spacing):
@@ -258,16 +348,49 @@ def _encode_frame(image: np.ndarray, photometric: str, jpeg: bool, quality: int)
     return np.clip(np.round(out), 0, 255).astype(np.uint8).tobytes()
 
 
+@dataclass
+class UltrasoundHeader:
+    """Who and what a written US file is: identifiers and descriptions (``None`` UIDs: new ones generated)."""
+
+    study_uid: Optional[str] = None
+    series_uid: Optional[str] = None
+    sop_uid: Optional[str] = None
+    patient_id: str = "ANON"
+    patient_name: str = "Anonymous^"
+    series_description: str = ""
+    study_description: str = ""
+    modality: str = "US"
+    instance_number: int = 1
+    series_number: int = 1
+    frame_time_ms: float = 40.0  # cine only
+
+
+@dataclass
+class UltrasoundEncoding:
+    """How the pixels are written: photometric interpretation, JPEG Baseline or not, calibration region."""
+
+    photometric: str = "MONOCHROME2"
+    jpeg: bool = False
+    jpeg_quality: int = 95
+    implicit_vr: bool = False
+    calibrate: bool = True  # write pixel_size_mm as a SequenceOfUltrasoundRegions region
+    strict: bool = True  # refuse encodings the US IODs do not allow
+
+
+_HEADER_FIELDS = {f.name for f in dataclasses.fields(UltrasoundHeader)}
+_ENCODING_FIELDS = {f.name for f in dataclasses.fields(UltrasoundEncoding)}
+
+
 def write_ultrasound(
     path: PathLike, image: Optional[np.ndarray], pixel_size_mm: Union[float, Sequence[float], None], *,
-    photometric: str = "MONOCHROME2", jpeg: bool = False, frames: Optional[Sequence[np.ndarray]] = None,
-    study_uid: Optional[str] = None, series_uid: Optional[str] = None, sop_uid: Optional[str] = None,
-    patient_id: str = "ANON", patient_name: str = "Anonymous^", series_description: str = "",
-    study_description: str = "", modality: str = "US", calibrate: bool = True, implicit_vr: bool = False,
-    instance_number: int = 1, series_number: int = 1, frame_time_ms: float = 40.0, jpeg_quality: int = 95,
-    strict: bool = True,
+    frames: Optional[Sequence[np.ndarray]] = None, header: Optional[UltrasoundHeader] = None,
+    encoding: Optional[UltrasoundEncoding] = None, **options,
 ) -> Dataset:
     """Write ``image`` (H, W[, 3] uint8) or a ``frames`` stack (cine) as US (Multi-frame) Image Storage.
+
+    ``header`` (:class:`UltrasoundHeader`) and ``encoding`` (:class:`UltrasoundEncoding`) hold the options; each of
+    their fields may also be given as a keyword (``photometric="RGB"``, ``patient_id="X"``, as before), which
+    overrides the dataclass's value.
 
     ``pixel_size_mm`` (one number or (x, y)) goes into a 2D ``SequenceOfUltrasoundRegions`` region covering the
     image (cm, unit code 3) unless ``calibrate`` is False. Valid US encodings: MONOCHROME2 (uncompressed or
@@ -275,6 +398,19 @@ def write_ultrasound(
     also writes combinations the US IODs do not allow (RGB JPEG, YBR_FULL, native YBR_FULL_422, which needs an
     even width), to test that readers cope with non-conforming files. Returns the dataset written.
     """
+    unknown = set(options) - _HEADER_FIELDS - _ENCODING_FIELDS
+    if unknown:
+        raise TypeError(f"write_ultrasound() got unexpected keyword argument(s) {sorted(unknown)}")
+    header = dataclasses.replace(header or UltrasoundHeader(),
+                                 **{k: v for k, v in options.items() if k in _HEADER_FIELDS})
+    encoding = dataclasses.replace(encoding or UltrasoundEncoding(),
+                                   **{k: v for k, v in options.items() if k in _ENCODING_FIELDS})
+    return _write_ultrasound(path, image, pixel_size_mm, frames, header, encoding)
+
+
+def _write_ultrasound(path, image, pixel_size_mm, frames, h: UltrasoundHeader, e: UltrasoundEncoding) -> Dataset:
+    photometric, jpeg, jpeg_quality, implicit_vr = e.photometric, e.jpeg, e.jpeg_quality, e.implicit_vr
+    calibrate, strict, modality = e.calibrate, e.strict, h.modality
     if photometric not in ("MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"):
         raise ValueError(f"unsupported photometric interpretation {photometric!r}")
     if strict and (photometric, jpeg) not in US_ENCODINGS:
@@ -293,7 +429,7 @@ def write_ultrasound(
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage if multi else UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    meta.MediaStorageSOPInstanceUID = h.sop_uid or generate_uid()
     meta.TransferSyntaxUID = (
         JPEGBaseline8Bit if jpeg else ImplicitVRLittleEndian if implicit_vr else ExplicitVRLittleEndian)
     ds = Dataset()
@@ -309,10 +445,10 @@ def write_ultrasound(
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = time
     ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "", "", "1"
     ds.Modality, ds.Manufacturer = modality, "fetal_head MONAI Label app"
-    ds.StudyDescription, ds.SeriesDescription = study_description, series_description
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, "", ""
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), series_uid or generate_uid()
-    ds.SeriesNumber, ds.InstanceNumber = series_number, instance_number
+    ds.StudyDescription, ds.SeriesDescription = h.study_description, h.series_description
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = h.patient_name, h.patient_id, "", ""
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = h.study_uid or generate_uid(), h.series_uid or generate_uid()
+    ds.SeriesNumber, ds.InstanceNumber = h.series_number, h.instance_number
     ds.PatientOrientation = ""
     ds.BodyPartExamined = "ABDOMEN"  # obstetric (transabdominal) scan; unpaired, so no Laterality
     ds.SamplesPerPixel = 1 if photometric == "MONOCHROME2" else 3
@@ -324,7 +460,7 @@ def write_ultrasound(
     if multi:
         ds.NumberOfFrames = len(stack)
         ds.FrameIncrementPointer = pydicom.tag.Tag("FrameTime")
-        ds.FrameTime = frame_time_ms
+        ds.FrameTime = h.frame_time_ms
     if calibrate and pixel_size_mm is not None:
         dx, dy = (pixel_size_mm, pixel_size_mm) if np.isscalar(pixel_size_mm) else pixel_size_mm
         region = Dataset()

@@ -13,7 +13,9 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .common import MAX_PIXELS, MIN_SIDE, ImageReadError, to_gray_uint8
+from . import common
+from .common import MIN_SIDE, ImageReadError, check_pixel_count, to_gray_uint8
+
 
 def read_bitmap(path: Union[str, os.PathLike]) -> np.ndarray:
     """Read a PNG/JPEG/TIFF/BMP frame as (H, W) uint8 (DICOM goes through :mod:`fetal_head.io.dicom_us`; the
@@ -24,9 +26,8 @@ def read_bitmap(path: Union[str, os.PathLike]) -> np.ndarray:
     if os.path.getsize(path) == 0:
         raise ImageReadError("the image file is empty (0 bytes)")
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageReadError(f"image of {im.width}x{im.height} pixels is larger than supported")
+        with Image.open(path) as im:  # reads the header only
+            check_pixel_count(im.width, im.height, getattr(im, "n_frames", 1) if im.format == "TIFF" else 1)
             im.load()  # force decoding now: truncated files fail here, not later
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -37,6 +38,8 @@ def read_bitmap(path: Union[str, os.PathLike]) -> np.ndarray:
             array = np.array(im)
     except ImageReadError:
         raise
+    except Image.DecompressionBombError as e:  # Pillow's own guard, at open (twice its limit)
+        raise common.ImageTooLargeError(f"image is larger than the limit of {common.MAX_PIXELS} pixels ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"cannot decode the image ({type(e).__name__}: {e})") from e
     gray = to_gray_uint8(array)
@@ -59,8 +62,12 @@ def read_mask(path: Union[str, os.PathLike]) -> np.ndarray:
 
         a = np.asarray(itk.array_from_image(itk.imread(path)))
     else:
-        with Image.open(path) as im:
-            a = np.array(im)
+        try:
+            with Image.open(path) as im:
+                check_pixel_count(im.width, im.height)
+                a = np.array(im)
+        except Image.DecompressionBombError as e:
+            raise common.ImageTooLargeError(f"label is larger than the limit of {common.MAX_PIXELS} pixels") from e
     a = np.squeeze(a)
     if a.ndim == 3 and a.shape[-1] in (2, 3, 4):
         a = a[..., : 3 if a.shape[-1] > 2 else 1].max(axis=-1)

@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import numpy as np
 
 from . import dicom_us
-from .common import MIN_SIDE, ImageReadError, to_gray_uint8
+from .common import MIN_SIDE, ImageReadError, check_pixel_count, to_gray_uint8
 from .images import ITK_LABEL_SUFFIXES, read_bitmap
 
 PathLike = Union[str, os.PathLike]
@@ -48,6 +48,7 @@ def _read_itk(path: str, frame: Optional[int]) -> Frame:
     import itk
 
     _single_frame(frame)
+    _check_itk_header(path)
     try:
         image = itk.imread(path)
     except Exception as e:  # itk raises RuntimeError for anything it cannot parse
@@ -59,6 +60,25 @@ def _read_itk(path: str, frame: Optional[int]) -> Frame:
     calibration = {"source": "image spacing", "note": f"pixel spacing from the {os.path.splitext(path)[1]} header",
                    "pixel_spacing_mm": (sx, sy), "frame_index": 0, "n_frames": 1}
     return pixels, (sx, sy), calibration
+
+
+def _check_itk_header(path: str) -> None:
+    """The pixel limit from the NRRD/NIfTI/MHA header, before any voxel is decoded."""
+    import itk
+
+    try:
+        io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+        if io is None:
+            raise ImageReadError(f"cannot read {os.path.basename(path)}: no ITK reader for this file")
+        io.SetFileName(path)
+        io.ReadImageInformation()
+        dims = [int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions())]
+    except ImageReadError:
+        raise
+    except Exception as e:  # itk raises RuntimeError for anything it cannot parse
+        raise ImageReadError(f"cannot read {os.path.basename(path)} with ITK ({e})") from e
+    dims = dims + [1] * (3 - len(dims))
+    check_pixel_count(dims[0], dims[1], int(np.prod(dims[2:])) * max(int(io.GetNumberOfComponents()), 1))
 
 
 def _read_bitmap(path: str, frame: Optional[int]) -> Frame:

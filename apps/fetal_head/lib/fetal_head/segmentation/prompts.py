@@ -7,7 +7,8 @@ coordinates where i is the column, j the row and k the slice (0 for a PNG):
 
 - ``roi``: ``[i_min, i_max, j_min, j_max, k_min, k_max]`` (Slicer's ROI node; pairs may come reversed after
   its RAS->IJK flip, so each pair is sorted); ``[i_min, i_max, j_min, j_max]`` is accepted too;
-- ``foreground`` / ``background``: lists of ``[i, j]`` or ``[i, j, k]`` clicks;
+- ``foreground`` / ``background``: lists of ``[i, j]`` or ``[i, j, k]`` clicks; one click may also come flat,
+  ``[i, j]`` or ``[i, j, k]`` (a list of 2 or 3 numbers is one point, not two malformed ones);
 - ``box``: ``[x_min, y_min, x_max, y_max]`` for scripts and simple clients.
 
 No prompt at all selects the automatic mode.
@@ -101,7 +102,18 @@ def _points(value: Any, name: str) -> list:
         return []
     if not isinstance(value, (list, tuple)):
         raise PromptError(f"'{name}' must be a list of [i, j] or [i, j, k] points, got {value!r}")
-    return [_numbers(p, f"{name} point", (2, 3))[:2] for p in value if p is not None and len(p)]
+    if value and all(not isinstance(p, (list, tuple, dict)) and p is not None for p in value):
+        if len(value) in (2, 3):  # one flat click [i, j] / [i, j, k], as a user types it
+            return [_numbers(list(value), name, (2, 3))[:2]]
+        raise PromptError(f"'{name}' must be a list of [i, j] or [i, j, k] points (or one such point), got {value!r}")
+    points = []
+    for p in value:
+        if p is None or (isinstance(p, (list, tuple)) and len(p) == 0):
+            continue
+        if not isinstance(p, (list, tuple)):
+            raise PromptError(f"'{name}' must be a list of [i, j] or [i, j, k] points, got {value!r}")
+        points.append(_numbers(p, f"{name} point", (2, 3))[:2])
+    return points
 
 
 def prompt_from_request(request: Mapping[str, Any]) -> Prompt:
@@ -129,17 +141,24 @@ def prompt_mode(prompt: Prompt) -> str:
     return "clicks" if len(prompt.points) else AUTOMATIC
 
 
+MAX_PIXEL_SIZE_MM = 10.0  # a 10 mm pixel is already far coarser than any ultrasound frame
+
+
 def pixel_size_from_request(value: Any) -> Optional[tuple]:
-    """``pixel_size_mm`` as one number or [x, y]; None when absent."""
+    """``pixel_size_mm`` as one number or [x, y], each in (0, MAX_PIXEL_SIZE_MM] mm; None when absent."""
     if value is None or value == "":
         return None
     if isinstance(value, (int, float, str)):
         value = [value, value]
+    if not isinstance(value, (list, tuple)):
+        raise PromptError(f"'pixel_size_mm' must be a number or [x, y] in mm, got {value!r}")
     nums = _numbers(list(value), "pixel_size_mm", (1, 2))
+    if nums is None:
+        return None
     if len(nums) == 1:
         nums = nums * 2
-    if min(nums) <= 0:
-        raise PromptError(f"'pixel_size_mm' must be positive, got {value!r}")
+    if not all(0 < v <= MAX_PIXEL_SIZE_MM for v in nums):
+        raise PromptError(f"'pixel_size_mm' must be in (0, {MAX_PIXEL_SIZE_MM:g}] mm, got {value!r}")
     return tuple(nums)
 
 
