@@ -3,8 +3,8 @@
     monailabel start_server --app apps/fetal_head --studies DATASTORE [--conf sam_checkpoint PATH --conf sam_model_type vit_b]
 
 Registers the SAM infer tasks ``fetal_head_sam`` (prompted: box and clicks; Slicer's SmartEdit) and
-``fetal_head_auto`` (no prompt; Slicer's Auto Segmentation), both over one model, and the ``random`` and ``first``
-active-learning strategies.
+``fetal_head_auto`` (no prompt; Slicer's Auto Segmentation), both over one model, and the active-learning
+strategies of ``lib/activelearning`` (uncertainty, diversity, hybrid, random, first; real unlabelled images only).
 MONAI Label's own SAM2 task is not registered: it downloads weights at start, and this app runs offline.
 """
 
@@ -19,8 +19,6 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 
 from fetal_head import __version__
 from fetal_head.biometry import BiometryError
@@ -29,6 +27,9 @@ from fetal_head.io import ImageReadError
 from fetal_head.io.common import ImageTooLargeError, set_max_pixels
 from fetal_head.segmentation.model_store import ModelSource, ServedModel
 from fetal_head.segmentation.prompts import PromptError
+from fetal_head.selection import PoolScorer
+from lib.activelearning import AutoRetrain, Diversity, FirstReal, Hybrid, RandomReal, SelectionService, Uncertainty
+from lib.activelearning.auto_retrain import DEFAULT_EPOCHS
 from lib.datastores.dicomweb import datastore_from_settings
 from lib.datastores.local import is_valid_tag
 from lib import server_guard
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 INFER_NAME = "fetal_head_sam"
 AUTO_INFER_NAME = "fetal_head_auto"
+DEFAULT_STRATEGY = "random"  # the simulated study's pick (README "Active learning")
 
 
 class FetalHeadApp(MONAILabelApp):
@@ -105,7 +107,37 @@ class FetalHeadApp(MONAILabelApp):
         }
 
     def init_strategies(self) -> Dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        """Active learning (lib/activelearning): the default first (the simulated study's pick, README "Active
+        learning"), then the others; all return unlabelled real images only. Scores and embeddings are cached on
+        disk (``--conf score_cache_dir``, ``--conf embedding_cache_dir``, shared with the trainer). Retraining in the
+        loop: ``--conf auto_retrain_every K`` (0: off) and ``--conf auto_retrain_epochs E``."""
+        cache_dir = self.conf.get("embedding_cache_dir") or os.path.join(self.model_dir, "embedding_cache")
+        score_dir = self.conf.get("score_cache_dir") or os.path.join(self.model_dir, "score_cache")
+        service = SelectionService(PoolScorer(self.served_model.get, cache_dir, score_dir))
+        self._selection = service
+        self._auto_retrain = AutoRetrain(
+            int(self.conf.get("auto_retrain_every", 0) or 0),
+            lambda params: self.async_training(INFER_NAME, params={INFER_NAME: params}, enqueue=True),
+            epochs=int(self.conf.get("auto_retrain_epochs", DEFAULT_EPOCHS) or DEFAULT_EPOCHS),
+        )
+        strategies = {
+            "uncertainty": Uncertainty(service),
+            "diversity": Diversity(service),
+            "hybrid": Hybrid(service),
+            "random": RandomReal(service),
+            "first": FirstReal(service),
+        }
+        default = DEFAULT_STRATEGY
+        strategies[default].description += " [default]"
+        return {default: strategies[default], **{k: v for k, v in strategies.items() if k != default}}
+
+    def on_save_label(self, image_id, label_id):
+        """After every submitted label: auto-retrain after K new labels (when ``auto_retrain_every`` is set)."""
+        res = super().on_save_label(image_id, label_id) or {}
+        retrain = getattr(self, "_auto_retrain", None)
+        if retrain is not None:
+            res.update(retrain.on_label(self.datastore()) or {})
+        return res
 
     def on_init_complete(self):
         super().on_init_complete()

@@ -1,0 +1,90 @@
+"""Uncertainty scores and diversity features of one image, from its (cached) SAM embedding.
+
+Uncertainty (higher = more informative), from one automatic answer plus one batched decoder call. The automatic
+answer is :func:`quick_automatic`: the trained automatic head when the model has one, else the box search around
+the image centre only (4 boxes + 3 re-prompts instead of the served search's 20 + 3: on 2 busy CPU cores the full
+search costs ~15 s per image, too much to score a pool):
+
+- ``disagreement``: 1 - mean Dice (decoder grid) between the automatic answer and the answers to
+  ``N_PERTURBED`` boxes around it, each side moved by up to ``PERTURB`` of the box size (a confident head is
+  stable under small box changes; an ambiguous one is not);
+- ``low_iou``: 1 - the decoder's predicted IoU of the automatic answer;
+- ``non_ellipse``: 1 - :func:`~fetal_head.segmentation.box_search.ellipse_likeness` of the answer (heads are
+  ellipses; crescents and fragments are failures).
+
+The score is their weighted sum (:data:`UNCERTAINTY_WEIGHTS`); an empty automatic answer scores the maximum.
+Diversity features: the embedding average-pooled to a 2 x 2 grid (1024 values), L2-normalised.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..segmentation import box_search
+from ..segmentation.predictor import ImageEmbedding, Prediction, SamPredictor
+from ..segmentation.prompts import Prompt
+
+N_PERTURBED = 4
+PERTURB = 0.08  # fraction of the box's width/height each side may move
+MARGIN_PX = 10.0  # the automatic answer's box grows by this before perturbing (boxes were trained 0-20 px out)
+UNCERTAINTY_WEIGHTS = {"disagreement": 1.0, "low_iou": 0.5, "non_ellipse": 0.5}
+SCORE_VERSION = "u2"  # bump when the score's definition changes (part of the cache key)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s else 1.0
+
+
+@torch.inference_mode()
+def quick_automatic(predictor: SamPredictor, emb: ImageEmbedding) -> Prediction:
+    """A cheap automatic answer: the automatic head, else the box search centred on the image only."""
+    if predictor.automatic_decoder is not None:
+        pred = box_search.automatic_head(predictor, emb)
+        if pred.mask.sum() >= 16:
+            return pred
+    h, w = emb.original_hw
+    return box_search.search(predictor, emb, [(w / 2, h / 2)], Prompt())
+
+
+@torch.inference_mode()
+def uncertainty(predictor: SamPredictor, emb: ImageEmbedding, seed: int = 0) -> Tuple[Dict[str, float], Prediction]:
+    """The uncertainty components and total (``score``), and the automatic answer they were measured on."""
+    pred = quick_automatic(predictor, emb)
+    h, w = emb.original_hw
+    if pred.mask.sum() < 16:
+        out = {"disagreement": 1.0, "low_iou": 1.0, "non_ellipse": 1.0, "empty": 1.0}
+        out["score"] = float(sum(UNCERTAINTY_WEIGHTS[k] * out[k] for k in UNCERTAINTY_WEIGHTS))
+        return out, pred
+    ch, cw = predictor.low_res_hw(emb)
+    ref_low = (pred.logits[0, 0, :ch, :cw] > 0).cpu().numpy()
+    rows, cols = np.nonzero(pred.mask)
+    x0, y0, x1, y1 = cols.min() - MARGIN_PX, rows.min() - MARGIN_PX, cols.max() + MARGIN_PX, rows.max() + MARGIN_PX
+    bw, bh = x1 - x0, y1 - y0
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(-PERTURB, PERTURB, size=(N_PERTURBED, 4)) * np.array([bw, bh, bw, bh])
+    boxes = np.array([x0, y0, x1, y1])[None] + d
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w - 1)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h - 1)
+    logits, _ = predictor.decode(emb, boxes=boxes)
+    low = (logits[:, 0, :ch, :cw] > 0).cpu().numpy()
+    agreement = float(np.mean([_dice(ref_low, m) for m in low]))
+    out = {"disagreement": 1.0 - agreement, "low_iou": float(np.clip(1.0 - pred.score, 0, 1)),
+           "non_ellipse": 1.0 - box_search.ellipse_likeness(ref_low), "empty": 0.0}
+    out["score"] = float(sum(UNCERTAINTY_WEIGHTS[k] * out[k] for k in UNCERTAINTY_WEIGHTS))
+    return out, pred
+
+
+def pooled_feature(emb: ImageEmbedding) -> np.ndarray:
+    """The embedding's image part average-pooled to 2 x 2 cells, flattened and L2-normalised (1024 values)."""
+    f = emb.features.float()
+    nh, nw = emb.input_hw
+    # the features cover the padded square: keep the cells over the image part
+    gh = max(1, int(np.ceil(f.shape[-2] * nh / max(nh, nw))))
+    gw = max(1, int(np.ceil(f.shape[-1] * nw / max(nh, nw))))
+    v = F.adaptive_avg_pool2d(f[..., :gh, :gw], 2).reshape(-1).cpu().numpy().astype(np.float32)
+    return v / max(float(np.linalg.norm(v)), 1e-8)
