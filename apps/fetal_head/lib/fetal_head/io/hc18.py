@@ -54,13 +54,22 @@ def fill_outline(path: str) -> np.ndarray:
     with Image.open(path) as im:
         a = np.array(im)
     outline = (a[..., 0] if a.ndim == 3 else a) > 0
-    # Some outlines have small gaps (e.g. 787_HC): close them with growing structuring elements until the
-    # inside fills, i.e. the filled area is clearly more than the outline itself.
-    for radius in range(0, 6):
-        sealed = outline if radius == 0 else ndimage.binary_closing(outline, np.ones((2 * radius + 1,) * 2)) | outline
-        filled = ndimage.binary_fill_holes(sealed)
-        if filled.sum() > 2 * outline.sum():
-            return filled
+    # An outline that runs into the image border (e.g. 787_HC) is closed along that border first; small gaps are
+    # then closed with growing structuring elements until the inside fills, i.e. the filled area is clearly more
+    # than the outline itself.
+    sealed_border = outline.copy()
+    for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
+        hits = np.flatnonzero(outline[edge])
+        if len(hits) >= 2:
+            border = sealed_border[edge]
+            border[hits[0] : hits[-1] + 1] = True
+            sealed_border[edge] = border
+    for candidate in (outline, sealed_border):
+        for radius in range(0, 6):
+            sealed = candidate if radius == 0 else ndimage.binary_closing(candidate, np.ones((2 * radius + 1,) * 2)) | candidate
+            filled = ndimage.binary_fill_holes(sealed)
+            if filled.sum() > 2 * outline.sum():
+                return filled
     raise ValueError(f"{path}: the outline is not closed, cannot fill it")
 
 
