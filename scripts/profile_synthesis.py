@@ -237,7 +237,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_tiny:
-        args.train_steps, args.batch_size = min(args.train_steps, 3), min(args.batch_size, 2)
+        args.train_steps, args.batch_size = min(args.train_steps, 10), min(args.batch_size, 8)
         args.gen_steps, args.candidates, args.decoder_steps = min(args.gen_steps, 30), min(args.candidates, 4), 4
     lines = []
 
@@ -266,6 +266,9 @@ def run_profile(args, out):
     table = []
     configs = (("generator training, 128 px (64-128-256-256)", make_config("default", **ISSUE_128)),
                ("generator training, default 256 px", make_config("default")))
+    if args.cpu_tiny:  # the 128/256 px UNets take minutes per step on a loaded 2-core CPU: a 64 px stand-in
+        configs = (("generator training, 64 px stand-in (32-64-64, CPU only)", make_config("tiny", **GEN_SMALL)),)
+    prof_cfg = configs[0][1]
     if "train" not in args.skip:
         for label, cfg in configs:
             from dataclasses import replace
@@ -281,11 +284,11 @@ def run_profile(args, out):
     if "profile" not in args.skip:
         from dataclasses import replace
 
-        cfg = replace(make_config("default", **ISSUE_128), batch_size=args.batch_size)
+        cfg = replace(prof_cfg, batch_size=args.batch_size)
         for legacy in (True, False):
             out("")
             out(f"## torch.profiler, 3 training steps of the {'old' if legacy else 'new'} loop "
-                f"(128 px config, batch {args.batch_size}), top operators by self time")
+                f"({cfg.image_size} px config, batch {args.batch_size}), top operators by self time")
             out(profile_step(cfg, dev, legacy, tmp))
     if "synth" not in args.skip:
         from fetal_head.segmentation.predictor import SamPredictor
