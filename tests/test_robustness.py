@@ -75,6 +75,8 @@ INFER_PROBES = {
     "pixel_size_mm negative": (dict(params={"pixel_size_mm": -0.1}), 422),
     "image_array in params": (dict(params={"image_array": [[0, 1], [1, 0]]}), 422),
     "image path in params": (dict(params={"image": "/etc/hostname"}), 422),
+    "label path in params": (dict(params={"label": "/etc/hostname"}), 422),
+    "session in params": (dict(params={"session": {"image": "/etc/hostname"}}), 422),
     "malformed json params": (dict(raw_params="{not json"), 422),
     "non-object json params (list)": (dict(raw_params="[1, 2, 3]"), 422),
     "non-object json params (string)": (dict(raw_params='"box"'), 422),
@@ -107,7 +109,7 @@ def test_bad_infer_input_is_a_4xx_with_a_message(server, name):
 def test_flat_foreground_point_is_one_click(server):
     """Documented 200: ``foreground: [i, j]`` without k is one click (as ``[[i, j]]``)."""
     case = server.cases[0]
-    a = post_infer(server, {"foreground": [400, 350]}, image=case.image_id)
+    a = post_infer(server, {"foreground": [400, 350], "label": "fetal_head"}, image=case.image_id)  # Slicer's label
     b = post_infer(server, {"foreground": [[400, 350]]}, image=case.image_id)
     assert a.status_code == 200 and b.status_code == 200, a.text
     assert a.json()["prompt_mode"] == "clicks" and a.json()["biometry"] == b.json()["biometry"]

@@ -8,7 +8,8 @@ Why: MONAI Label's endpoints are ``async def`` functions that call the app synch
 file behind whenever the request fails. Here, the same API (same query, form and answer) with:
 
 - 404 for an unknown model, 422 with a message for malformed or non-object ``params``, reserved keys in
-  ``params`` (``image``, ``image_array``, ``label``, ``session``, ``model``, ``file``) and a request without image;
+  ``params`` (``image``, ``image_array``, ``session``, ``model``, ``file``; ``label`` only as a name, as 3D Slicer
+  sends ``"label": "fetal_head"``, never a path) and a request without image;
 - uploads written to this process's own folder, known to the request that wrote them only (a thread-local
   set that ``main._is_uploaded_file`` consults) and deleted on every path, error or not;
 - the work in a bounded worker pool (``--conf infer_workers``, default 2; training ``run_sync`` in its own
@@ -33,7 +34,7 @@ from fastapi.routing import APIRoute
 
 logger = logging.getLogger(__name__)
 
-RESERVED_PARAMS = ("image", "image_array", "label", "session", "model", "file")
+RESERVED_PARAMS = ("image", "image_array", "session", "model", "file")
 _local = threading.local()
 _upload_dir: Optional[str] = None
 
@@ -95,6 +96,9 @@ def parse_params(params) -> dict:
     if not isinstance(p, dict):
         raise HTTPException(status_code=422, detail=f"'params' must be a JSON object, got {type(p).__name__}")
     reserved = sorted(k for k in p if k in RESERVED_PARAMS)
+    label = p.get("label")
+    if label is not None and not (isinstance(label, str) and "/" not in label and "\\" not in label):
+        reserved.append("label (other than a label name, as 3D Slicer sends it)")
     if reserved:
         raise HTTPException(status_code=422, detail=f"'params' may not set {reserved}: the image comes from the "
                                                     "'image' query parameter (a datastore id) or the uploaded file")
