@@ -8,7 +8,10 @@
 
 Every checkpoint loads with ``torch.load(..., weights_only=True)``. The automatic head (a second mask decoder
 trained with no prompt, :func:`attach_automatic_decoder`) travels in the same state dict under
-``automatic_decoder.*``; checkpoints written before it was renamed (``auto_decoder.*``) still load.
+``automatic_decoder.*``; checkpoints written before it was renamed (``auto_decoder.*``) still load. The head
+localiser (:mod:`.localiser`, :func:`attach_localiser`) travels the same way under ``localiser.*``. Every model
+:func:`build_model` returns attaches either submodule by itself when a state dict it loads holds its keys
+(a load_state_dict pre-hook), so checkpoints with and without them load strictly through the same code.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 LITEMEDSAM = "litemedsam"
 META_SAM_TYPES = ("vit_b", "vit_l", "vit_h")
 AUTOMATIC_DECODER = "automatic_decoder"
+LOCALISER = "localiser"
 _LEGACY_AUTOMATIC_PREFIX = "auto_decoder."  # checkpoints of 2026-11-25
 
 
@@ -85,7 +89,35 @@ def family(model_type: str) -> ModelFamily:
 
 
 def build_model(model_type: str, checkpoint: Optional[str] = None) -> nn.Module:
-    return family(model_type).build(checkpoint)
+    net = family(model_type).build(checkpoint)
+    attach_heads_on_load(net)
+    return net
+
+
+def _attach_heads_hook(module: nn.Module, state_dict, prefix, *args, **kwargs) -> None:
+    if any(k.startswith(prefix + AUTOMATIC_DECODER + ".") for k in state_dict):
+        attach_automatic_decoder(module)
+    if any(k.startswith(prefix + LOCALISER + ".") for k in state_dict):
+        attach_localiser(module, state_dict[prefix + LOCALISER + ".body.0.weight"].shape[1])
+
+
+def attach_heads_on_load(net: nn.Module) -> nn.Module:
+    """Make ``net.load_state_dict`` attach the automatic head and the localiser when the state dict has their
+    keys (a model saved with them loads strictly into a freshly built one; one saved without them still does)."""
+    if not getattr(net, "_fetal_head_attach_hook", False):
+        net.register_load_state_dict_pre_hook(_attach_heads_hook)
+        net._fetal_head_attach_hook = True
+    return net
+
+
+def attach_localiser(net: nn.Module, in_channels: int = 256) -> nn.Module:
+    """Give ``net`` a (fresh, untrained) head localiser as the submodule ``localiser`` unless it has one; its
+    weights travel in ``net.state_dict()`` under ``localiser.*``."""
+    from .localiser import Localiser
+
+    if getattr(net, LOCALISER, None) is None:
+        setattr(net, LOCALISER, Localiser(in_channels=in_channels))
+    return getattr(net, LOCALISER)
 
 
 def attach_automatic_decoder(net: nn.Module) -> nn.Module:

@@ -32,6 +32,16 @@ Design decisions:
   DistributedDataParallel, and gives each rank its own shard of every epoch's permutation (padded to equal
   length, like DistributedSampler). Embeddings are computed once in the parent first; rank 0 validates and
   hands the best weights back to the caller, which saves them.
+- The few-label recipe: with fewer than ``min_labels_for_validation`` (10) labels nothing is held out (a
+  validation set of one or two images picks epochs by noise: a 5-label run once served epoch 1 of 10, chosen on one
+  image): every label trains, the schedule is fixed (``max_epochs``, the last epoch is served) and no automatic
+  head is kept (it would be unvalidated). From 10 labels on, ``val_split`` of them validate as before.
+- The head localiser (:mod:`.localiser`, ``localiser=True``): trained after the decoders on every label's cached
+  embedding (train and validation labels: it has its own fixed schedule), cross-validated on those labels
+  (``localiser_folds`` folds; the held-out automatic Dice of the whole localiser route with the new box decoder, at
+  most ``localiser_cv_limit`` answers scored). It is attached only when that beats what the model it started from
+  answers on the same labels (its localiser, else the box search, with the new decoder); otherwise the old one (or
+  none: the box search) stays, and the log and summary (``summary["localiser"]``) say why.
 - Loss: MONAI's DiceCELoss (sigmoid) on the decoders' low-resolution logits (the part covering the image)
   against the label resized to that grid; validation: MONAI's DiceMetric at the image's full resolution.
 """
@@ -59,7 +69,8 @@ from ..files import atomic_path
 from ..io import read_image, read_mask
 from . import box_search
 from .embedding_cache import EmbeddingCache
-from .models import AUTOMATIC_DECODER, attach_automatic_decoder
+from .localiser import LocaliserConfig, train_localiser
+from .models import AUTOMATIC_DECODER, LOCALISER, attach_automatic_decoder
 from .predictor import ImageEmbedding, SamPredictor
 from .prompts import Prompt, jitter_box, mask_box, sample_prompt
 
@@ -87,6 +98,12 @@ class TrainConfig:
     automatic_head: bool = True  # also train the automatic head (automatic_decoder) on the same samples
     world_size: int = 1  # data-parallel processes (DDP): one per GPU, or gloo processes on CPU
     lora_rank: int = 8  # train_encoder="lora" only
+    min_labels_for_validation: int = 10  # fewer real labels: no validation split, fixed schedule (last epoch)
+    localiser: bool = True  # also train the head localiser (fixed schedule, cross-validated, gated)
+    localiser_steps: int = 300
+    localiser_folds: int = 3
+    localiser_gate: bool = True  # False (experiments): attach the new localiser whatever the gate says
+    localiser_cv_limit: int = 8  # held-out labels scored in the localiser's cross-validation (and the baseline)
 
 
 @dataclass
@@ -162,7 +179,7 @@ def split_items(items: Sequence[LabelledImage], cfg: TrainConfig):
     real = [real[k] for k in rng.permutation(len(real))]
     if cfg.max_real_labels and cfg.max_real_labels > 0:
         real = real[: cfg.max_real_labels]
-    n_val = int(round(len(real) * cfg.val_split)) if len(real) > 1 else 0
+    n_val = int(round(len(real) * cfg.val_split)) if len(real) >= max(2, cfg.min_labels_for_validation) else 0
     n_val = min(n_val, len(real) - 1)
     val, train = real[:n_val], real[n_val:]
     if cfg.synthetic_share > 0 and synth:
@@ -362,9 +379,11 @@ class BestEpochs:
 
     @staticmethod
     def metric(name: str, record: dict) -> float:
+        if "val_dice" not in record:  # no validation: the fixed schedule, its last epoch is served
+            return float(record["epoch"])
         if name == AUTOMATIC_DECODER:
             return record.get("val_dice_automatic", -record["loss_automatic"])
-        return record.get("val_dice", -record["loss"])
+        return record["val_dice"]
 
     def update(self, record: dict) -> List[str]:
         improved = []
@@ -391,15 +410,19 @@ def keep_automatic_head(predictor: SamPredictor, best: BestEpochs, before: dict,
     """Drop an automatic head that validates worse than the box search it replaces (too few labels or epochs), or
     that was validated on too few images to tell (a head that won on 2 validation images scored 0.53 vs the box
     search's 0.69 on test images): the served model then falls back to the box search."""
-    if AUTOMATIC_DECODER not in best.heads or "val_dice_automatic" not in before:
+    if AUTOMATIC_DECODER not in best.heads:
         return
-    metric = best.best[AUTOMATIC_DECODER][0]
-    if n_val >= MIN_VAL_IMAGES_FOR_HEAD and metric > before["val_dice_automatic"]:
-        return
-    logger.info(
-        f"automatic head dropped: best val Dice {metric:.4f} vs box search {before['val_dice_automatic']:.4f} on "
-        f"{n_val} validation images (kept only if better, on at least {MIN_VAL_IMAGES_FOR_HEAD})"
-    )
+    if "val_dice_automatic" not in before:  # no validation at all: an unvalidated head is not served
+        logger.info(f"automatic head dropped: no validation images (kept only if better on at least "
+                    f"{MIN_VAL_IMAGES_FOR_HEAD})")
+    else:
+        metric = best.best[AUTOMATIC_DECODER][0]
+        if n_val >= MIN_VAL_IMAGES_FOR_HEAD and metric > before["val_dice_automatic"]:
+            return
+        logger.info(
+            f"automatic head dropped: best val Dice {metric:.4f} vs box search {before['val_dice_automatic']:.4f} on "
+            f"{n_val} validation images (kept only if better, on at least {MIN_VAL_IMAGES_FOR_HEAD})"
+        )
     delattr(predictor.model, AUTOMATIC_DECODER)
     best.drop(AUTOMATIC_DECODER)
 
@@ -612,10 +635,103 @@ def finetune(
         summary = train_distributed(predictor, train_items, val_items, cfg, cache_dir, on_epoch)
     else:
         summary = train_decoder(predictor, train, val, cfg, on_epoch)
+    if cfg.localiser:
+        summary["localiser"] = fit_localiser(predictor, list(train_items) + list(val_items), cfg, cache_dir)
     summary["train_images"] = [i.image_id for i in train_items]
     summary["val_images"] = [i.image_id for i in val_items]
     summary["config"] = asdict(cfg)
     return summary
+
+
+# ---- the head localiser ----------------------------------------------------------------------------------------
+def localiser_samples(predictor: SamPredictor, items: Sequence[LabelledImage], cache_dir: str):
+    """(features, mask, input_hw) of every real label, embeddings from the disk cache of the (final) encoder."""
+    cache = EmbeddingCache(cache_dir, predictor)
+    out = []
+    for variants in load_samples([i for i in items if not i.synthetic], cache, False, desc="localiser embeddings"):
+        s = variants[0]
+        out.append((s.emb.features, s.mask, s.emb.input_hw))
+    return out
+
+
+def _route_dice(predictor: SamPredictor, sample, route: str) -> float:
+    """Dice of one label's automatic answer by ``route``: "localiser" (the model's localiser, which must exist) or
+    "box_search"."""
+    feat, mask, hw = sample
+    emb = ImageEmbedding(features=feat, original_hw=mask.shape, input_hw=hw)
+    if route == "localiser":
+        pred = box_search.localised(predictor, emb)
+        if pred is None:
+            return 0.0
+    else:
+        pred = box_search.search(predictor, emb, box_search.image_centres(*mask.shape), Prompt())
+    return box_search._dice(pred.mask, mask)
+
+
+def cross_validate_route(predictor: SamPredictor, samples, lcfg: LocaliserConfig, folds: int, limit: int) -> List[float]:
+    """Held-out automatic Dice of the localiser route with the model's (new) box decoder: ``folds``-fold over the
+    labels, at most ``limit`` held-out answers scored (each costs ~11 decoder calls)."""
+    n = len(samples)
+    k = min(folds, n)
+    order = np.random.default_rng(lcfg.seed).permutation(n)
+    scored = set(order[:limit].tolist())
+    old = getattr(predictor.model, LOCALISER, None)
+    out = []
+    try:
+        for f in range(k):
+            held = [i for i in order[f::k].tolist() if i in scored]
+            if not held:
+                continue
+            net = train_localiser([s for i, s in enumerate(samples) if i not in set(order[f::k].tolist())], lcfg)
+            setattr(predictor.model, LOCALISER, net.to(predictor.device))
+            out += [_route_dice(predictor, samples[i], "localiser") for i in held]
+    finally:
+        if old is None:
+            delattr(predictor.model, LOCALISER)
+        else:
+            setattr(predictor.model, LOCALISER, old)
+    return out
+
+
+def fit_localiser(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: TrainConfig, cache_dir: str) -> dict:
+    """Train the localiser on every real label (fixed schedule), cross-validate it, and attach it to
+    ``predictor.model`` only if its cross-validated box IoU beats what the model had (its localiser on these labels,
+    else the box search). Returns the record for the summary."""
+    t0 = time.time()
+    samples = localiser_samples(predictor, items, cache_dir)
+    lcfg = LocaliserConfig(steps=cfg.localiser_steps, seed=cfg.seed)
+    record: dict = {"labels": len(samples), "steps": lcfg.steps}
+    if not samples:
+        record.update(replaced=False, reason="no real labels")
+        return record
+    if len(samples) < 2:
+        cv: List[float] = []
+    else:
+        cv = cross_validate_route(predictor, samples, lcfg, cfg.localiser_folds, cfg.localiser_cv_limit)
+    record["cv_automatic_dice"] = round(float(np.mean(cv)), 4) if cv else None
+    scored = samples[: cfg.localiser_cv_limit] if not cv else [samples[i] for i in np.random.default_rng(
+        lcfg.seed).permutation(len(samples))[: cfg.localiser_cv_limit]]
+    old = predictor.localiser
+    # what the model it started from answers on the same labels (its localiser saw some of them: a bias in its
+    # favour, so a replacement must clearly win)
+    record["baseline"] = "served localiser" if old is not None else "box search"
+    ref = [_route_dice(predictor, s, "localiser" if old is not None else "box_search") for s in scored]
+    record["baseline_automatic_dice"] = round(float(np.mean(ref)), 4)
+    record["gate_passed"] = not (cv and record["cv_automatic_dice"] <= record["baseline_automatic_dice"])
+    if not record["gate_passed"] and cfg.localiser_gate:
+        record.update(replaced=False, reason=(
+            f"cross-validated automatic Dice {record['cv_automatic_dice']:.4f} does not beat the {record['baseline']}'s "
+            f"{record['baseline_automatic_dice']:.4f} on {len(scored)} of the labels: kept the model's "
+            + ("localiser" if old is not None else "box search")))
+    else:
+        net = train_localiser(samples, lcfg)
+        setattr(predictor.model, LOCALISER, net.to(predictor.device))
+        record.update(replaced=True, reason=(
+            f"cross-validated automatic Dice {record['cv_automatic_dice']} vs the {record['baseline']}'s "
+            f"{record['baseline_automatic_dice']:.4f}" if cv else "one label: nothing to cross-validate, trained anyway"))
+    record["seconds"] = round(time.time() - t0, 1)
+    logger.info(f"localiser {'trained and attached' if record['replaced'] else 'NOT replaced'}: {record['reason']}")
+    return record
 
 
 def checkpoint_meta(summary: dict, base_version: str) -> dict:
@@ -627,6 +743,8 @@ def checkpoint_meta(summary: dict, base_version: str) -> dict:
         "trained": trained,
         # how the served model answers automatic requests: its trained head, or (None) the box search
         "automatic": AUTOMATIC_DECODER if AUTOMATIC_DECODER in trained else None,
+        # the localiser answers automatic requests first when it was trained and attached
+        "localiser": summary.get("localiser"),
         "train_encoder": summary["config"].get("train_encoder", "frozen"),
         "labels_used": summary["train_images"],
         "validation_images": summary["val_images"],

@@ -1,0 +1,121 @@
+"""The head localiser (fetal_head.segmentation.localiser): learns where the head is from a few labels on cached
+SAM embeddings, travels in the checkpoint, answers automatic and click requests with a confidence."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, dice
+from fetal_head.io import read_image
+from fetal_head.segmentation import Prompt, SamPredictor
+from fetal_head.segmentation import localiser as L
+from fetal_head.segmentation.embedding_cache import EmbeddingCache
+from fetal_head.segmentation.models import LITEMEDSAM, LOCALISER, attach_localiser, build_model
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return SamPredictor.litemedsam(cache_size=32)
+
+
+@pytest.fixture(scope="module")
+def samples(predictor, hc18_subset):
+    """(features, mask, input_hw, image) of 8 pool-split and 8 test-split images of the shipped subset (embeddings
+    in the repository's gitignored disk cache, so reruns encode nothing)."""
+    cache = EmbeddingCache(str(REPO / ".data" / "emb_cache"), predictor)
+    out = {}
+    for split in ("pool", "test"):
+        rows = []
+        for c in [c for c in hc18_subset if c.split == split][:8]:
+            image = read_image(c.image_path)
+            emb = cache.get(image)
+            predictor.remember(image, emb)
+            rows.append((emb.features, c.load_mask(), emb.input_hw, image))
+        out[split] = rows
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(samples):
+    return L.train_localiser([s[:3] for s in samples["pool"]], L.LocaliserConfig(steps=120, seed=0))
+
+
+def test_targets_and_flip_augmentation_are_consistent(samples):
+    feat, mask, hw, _ = samples["pool"][0]
+    t = L.grid_targets(mask, hw)
+    gh, gw = L.grid_hw(hw)
+    assert t.shape == (3, 64, 64) and t[2].sum() == gh * gw and t[0, gh:].sum() == 0
+    cfg = L.LocaliserConfig(max_shift=0, noise=0.0, flip=True)
+    rng = np.random.default_rng(1)
+    for _ in range(4):  # flipped or not, the head fraction stays the same and inside the image part
+        x, y = L.augment(feat[0], t, gh, gw, cfg, rng)
+        assert torch.isclose(y[0].sum(), t[0].sum()) and y[0, gh:].sum() == 0
+        assert x.shape == feat[0].shape
+
+
+def test_localiser_from_8_labels_finds_held_out_heads(trained, samples):
+    """What the localiser is for: *where* the head is (its head's centre inside the reference head box); its extent
+    is left to the box decoder (box IoU alone is ~0.55 after 5 labels on 40 HC18 test images)."""
+    inside, ious = 0, []
+    for f, m, hw, _ in samples["test"]:
+        loc = L.localise(trained, f, m.shape, hw)
+        ious.append(L.box_iou(loc.box, L.mask_box(m)))
+        if loc.coarse_mask is None:
+            continue
+        rows, cols = np.nonzero(loc.coarse_mask)
+        cx, cy = (cols.mean() + 0.5) * m.shape[1] / hw[1], (rows.mean() + 0.5) * m.shape[0] / hw[0]
+        x0, y0, x1, y1 = L.mask_box(m)
+        inside += x0 <= cx <= x1 and y0 <= cy <= y1
+    assert int(trained.trained_labels) == 8
+    assert inside >= 7, (inside, ious)
+    assert np.mean(ious) > 0.35, ious
+
+
+def test_click_selects_and_background_click_removes(trained, samples):
+    feat, mask, hw, _ = samples["test"][0]
+    loc = L.localise(trained, feat, mask.shape, hw)
+    assert loc.box is not None
+    inside = np.array([[(loc.box[0] + loc.box[2]) / 2, (loc.box[1] + loc.box[3]) / 2]])
+    if loc.coarse_mask is not None:  # a click on the localiser's head picks that head
+        rows, cols = np.nonzero(loc.coarse_mask)
+        k = len(rows) // 2
+        inside = np.array([[cols[k] * mask.shape[1] / hw[1], rows[k] * mask.shape[0] / hw[0]]])
+    assert L.localise(trained, feat, mask.shape, hw, fg=inside).box == loc.box
+    assert L.localise(trained, feat, mask.shape, hw, bg=inside).box != loc.box
+
+
+def test_checkpoint_carries_the_localiser_and_old_ones_still_load(trained, tmp_path):
+    net = build_model(LITEMEDSAM)
+    setattr(net, LOCALISER, trained)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": net.state_dict()}, path)
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    fresh = build_model(LITEMEDSAM)
+    fresh.load_state_dict(state, strict=True)  # the localiser attaches itself from its keys
+    assert int(getattr(fresh, LOCALISER).trained_labels) == 8
+    old = build_model(LITEMEDSAM)
+    old.load_state_dict({k: v for k, v in state.items() if not k.startswith(LOCALISER + ".")}, strict=True)
+    assert getattr(old, LOCALISER, None) is None
+    attach_localiser(old)  # an untrained localiser is never used
+    assert SamPredictor.for_model(old, LITEMEDSAM).localiser is None
+
+
+def test_automatic_and_click_answers_come_from_the_localiser_with_confidence(predictor, trained, samples):
+    net = predictor.model
+    setattr(net, LOCALISER, trained)
+    predictor.automatic_agreement = True
+    try:
+        scores = []
+        for feat, mask, hw, image in samples["test"][:3]:
+            pred = predictor.predict(image, Prompt())
+            assert pred.confidence["source"] == "localiser"
+            assert 0.0 <= pred.confidence["localiser_score"] <= 1.0
+            assert "box_search_agreement" in pred.confidence and "localiser_decoder_dice" in pred.confidence
+            scores.append(dice(pred.mask, mask))
+            rows, cols = np.nonzero(mask)
+            click = predictor.predict(image, Prompt(points=np.array([[cols.mean(), rows.mean()]], dtype=np.float32),
+                                                    labels=np.array([1])))
+            assert click.confidence["source"] in ("localiser", "box_search")
+        assert np.mean(scores) > 0.7, scores
+    finally:
+        delattr(net, LOCALISER)
