@@ -349,13 +349,13 @@ def report(args):
         for n in marks:
             if n in c:
                 e = c[n]
-                lines.append(f"| {s} | {len(e['seeds'])} | {n} | {ms(e['box_dice'])} | {ms(e['box_hc'], 2)} | "
-                             f"{ms(e['auto_dice'])} | {ms(e['effort'], 1)} |")
+                lines.append(f"| {s} | {len(e['seeds'])} | {n} | {ms(e['box_dice'], 4)} | {ms(e['box_hc'], 2)} | "
+                             f"{ms(e['auto_dice'], 4)} | {ms(e['effort'], 1)} |")
     n_max = min(max(c) for c in cur.values()) if cur else 0
     lines += ["", f"Area under the box-Dice curve, labels {args.start}-{n_max} (the curve's mean over that range):",
               "", "| strategy | AUC box Dice |", "| --- | --- |"]
     for s, c in cur.items():
-        lines.append(f"| {s} | {ms(auc(c, 'box_dice', n_max))} |")
+        lines.append(f"| {s} | {ms(auc(c, 'box_dice', n_max), 4)} |")
     if "random" in cur and n_max in cur["random"]:
         target = float(np.mean(cur["random"][n_max]["box_dice"]))
         lines += ["", f"Labels and cumulative effort to reach random's {n_max}-label box Dice ({target:.4f}) on the mean "

@@ -8,6 +8,7 @@ strategies of ``lib/activelearning`` (uncertainty, diversity, hybrid, random, fi
 MONAI Label's own SAM2 task is not registered: it downloads weights at start, and this app runs offline.
 """
 
+import json
 import logging
 import os
 import sys
@@ -110,7 +111,7 @@ class FetalHeadApp(MONAILabelApp):
         """Active learning (lib/activelearning): the default first (the simulated study's pick, README "Active
         learning"), then the others; all return unlabelled real images only. Scores and embeddings are cached on
         disk (``--conf score_cache_dir``, ``--conf embedding_cache_dir``, shared with the trainer). Retraining in the
-        loop: ``--conf auto_retrain_every K`` (0: off) and ``--conf auto_retrain_epochs E``."""
+        loop: ``--conf auto_retrain_every K`` (0: off), ``auto_retrain_epochs E``, ``auto_retrain_options JSON``."""
         cache_dir = self.conf.get("embedding_cache_dir") or os.path.join(self.model_dir, "embedding_cache")
         score_dir = self.conf.get("score_cache_dir") or os.path.join(self.model_dir, "score_cache")
         service = SelectionService(PoolScorer(self.served_model.get, cache_dir, score_dir))
@@ -119,6 +120,7 @@ class FetalHeadApp(MONAILabelApp):
             int(self.conf.get("auto_retrain_every", 0) or 0),
             lambda params: self.async_training(INFER_NAME, params={INFER_NAME: params}, enqueue=True),
             epochs=int(self.conf.get("auto_retrain_epochs", DEFAULT_EPOCHS) or DEFAULT_EPOCHS),
+            options=json.loads(self.conf.get("auto_retrain_options") or "{}"),
         )
         strategies = {
             "uncertainty": Uncertainty(service),

@@ -1,6 +1,7 @@
 """Retraining in the loop: after every K newly labelled real images, queue MONAI Label's training task.
 
-``--conf auto_retrain_every K`` (0: off, the default) and ``--conf auto_retrain_epochs E``. The app calls
+``--conf auto_retrain_every K`` (0: off, the default), ``--conf auto_retrain_epochs E`` and
+``--conf auto_retrain_options JSON`` (further train options, e.g. ``{"train_batch_size": 8}``). The app calls
 :meth:`AutoRetrain.on_label` from ``MONAILabelApp.on_save_label`` (the datastore endpoint's callback after every
 submitted label). Counting labelled images (not calls) makes a re-submitted label not count twice.
 """
@@ -22,10 +23,12 @@ DEFAULT_EPOCHS = 10
 
 
 class AutoRetrain:
-    def __init__(self, every: int, train: Callable[[dict], object], epochs: int = DEFAULT_EPOCHS):
+    def __init__(self, every: int, train: Callable[[dict], object], epochs: int = DEFAULT_EPOCHS,
+                 options: Optional[dict] = None):
         self.every = int(every)
         self.train = train  # (params) -> queues the training task
         self.epochs = int(epochs)
+        self.options = dict(options or {})
         self.baseline: Optional[int] = None  # labelled real images at the last (queued) retrain
         self.triggered = 0
         self._lock = threading.Lock()
@@ -52,7 +55,7 @@ class AutoRetrain:
             self.triggered += 1
         logger.info(f"auto-retrain: {self.every} new labels ({n} in all); queueing training ({self.epochs} epochs)")
         try:
-            self.train({"max_epochs": self.epochs})
+            self.train({**self.options, "max_epochs": self.epochs})
         except Exception as e:
             logger.warning(f"auto-retrain could not queue training: {e}")
             return {"auto_retrain": f"failed to queue: {e}"}
