@@ -37,7 +37,7 @@ def samples(predictor, hc18_subset):
 
 @pytest.fixture(scope="module")
 def trained(samples):
-    return L.train_localiser([s[:3] for s in samples["pool"]], L.LocaliserConfig(steps=120, seed=0))
+    return L.train_localiser([s[:3] for s in samples["pool"]], L.LocaliserConfig(steps=60, batch_size=4, seed=0))
 
 
 def test_targets_and_flip_augmentation_are_consistent(samples):
