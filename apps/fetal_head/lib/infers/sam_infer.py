@@ -78,6 +78,8 @@ class FetalHeadSamInfer(InferTask):
             "label_names": {"fetal_head": 1},
             "prompt_mode": prompt_mode(prompt),
             "score": round(pred.score, 4),
+            # automatic and click answers: which route answered, the localiser's score, agreement with the box search
+            "confidence": pred.confidence or None,
             "model_version": predictor.version,
             "image_size": [int(image.shape[1]), int(image.shape[0])],
             # a further prompt on the same image skips the encoder (the in-memory embedding cache)

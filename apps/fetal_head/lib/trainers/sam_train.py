@@ -10,15 +10,15 @@ serving. The infer task notices the new file's mtime and reloads it without a re
 Request options (MONAI Label names where they exist): ``max_epochs``, ``train_batch_size``, ``val_split``,
 ``multi_gpu``, ``gpus`` (data-parallel over those GPUs, DDP, as MONAI Label's BasicTrainTask: one process per
 GPU through ``torch.multiprocessing.spawn``); and ``learning_rate``, ``max_real_labels`` (0 = all),
-``synthetic_share``, ``train_encoder`` ("frozen", "lora", "full"), ``automatic_head``, ``flip``, ``seed``,
-``world_size`` (DDP processes without GPUs: gloo on CPU).
+``synthetic_share``, ``train_encoder`` ("frozen", "lora", "full"), ``automatic_head`` (old name
+``prompt_free_head``), ``localiser`` (opt-in head localiser), ``flip``, ``seed``, ``world_size`` (DDP processes
+without GPUs: gloo on CPU). Every option is parsed and range-checked by ``lib.trainers.options`` before a job starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, fields
@@ -30,75 +30,49 @@ from monailabel.interfaces.tasks.train import TrainTask
 from fetal_head.segmentation.model_store import ModelSource, save_finetuned
 from fetal_head.synthesis.store import is_synthetic
 from fetal_head.segmentation.training import LabelledImage, TrainConfig, checkpoint_meta, finetune
+from lib.trainers.options import parse_bool, parse_float, parse_int
 
 logger = logging.getLogger(__name__)
 
-
-
-try:  # one boolean parser for both trainers, where it exists
-    from lib.trainers.options import parse_bool as _as_bool
-except ImportError:
-    def _as_bool(v: Any) -> bool:
-        return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes", "on")
 
 
 class TrainOptionError(ValueError):
     """A train request option that cannot be used (the server answers 422 before any job starts)."""
 
 
-def _int(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError("a boolean is not a whole number")
-    f = float(v)
-    if not math.isfinite(f) or f != int(f):
-        raise ValueError("not a whole number")
-    return int(f)
-
-
-def _float(v: Any) -> float:
-    if isinstance(v, bool):
-        raise ValueError("a boolean is not a number")
-    f = float(v)
-    if not math.isfinite(f):
-        raise ValueError("not a finite number")
-    return f
-
-
 TRAIN_ENCODER_MODES = ("frozen", "lora", "full")
-# (lowest, highest) allowed per numeric option, None: unbounded
-RANGES = {"max_epochs": (1, 10_000), "train_batch_size": (1, 1024), "max_real_labels": (0, None), "seed": (0, None),
-          "max_jitter": (0, 1000), "learning_rate": (1e-12, 1.0), "weight_decay": (0.0, 10.0),
-          "world_size": (1, 64), "lora_rank": (1, 256)}
+# option -> (parser, lowest, highest); None: unbounded. Unknown keys (model, gpus, local_rank, ...) are ignored.
+OPTIONS = {
+    "max_epochs": (parse_int, 1, 10_000), "train_batch_size": (parse_int, 1, 1024), "max_real_labels": (parse_int, 0, None),
+    "seed": (parse_int, 0, None), "max_jitter": (parse_int, 0, 1000), "world_size": (parse_int, 1, 64),
+    "lora_rank": (parse_int, 1, 256), "localiser_steps": (parse_int, 1, 100_000),
+    "learning_rate": (parse_float, 1e-12, 1.0), "weight_decay": (parse_float, 0.0, 10.0),
+    "val_split": (parse_float, 0.0, 0.99), "synthetic_share": (parse_float, 0.0, 0.99),
+    "flip": (parse_bool, None, None), "automatic_head": (parse_bool, None, None), "localiser": (parse_bool, None, None),
+}
+LEGACY_NAMES = {"prompt_free_head": "automatic_head"}  # still accepted from older clients and scripts
 
 
 def config_from_request(request: Dict[str, Any]) -> TrainConfig:
-    """TrainConfig from a train request; unknown keys (model, gpus, local_rank, ...) are ignored.
+    """TrainConfig from a train request (parsed by ``lib.trainers.options``, one parser for both trainers).
 
     Raises :class:`TrainOptionError` (a ValueError) naming the option for any value that cannot be used, so the
     server refuses the request before a job starts.
     """
     cfg = TrainConfig()
-    casts = {"max_epochs": _int, "train_batch_size": _int, "max_real_labels": _int, "seed": _int, "max_jitter": _int,
-             "val_split": _float, "learning_rate": _float, "weight_decay": _float, "synthetic_share": _float,
-             "flip": _as_bool, "train_encoder": str, "automatic_head": _as_bool, "world_size": _int,
-             "lora_rank": _int}
-    for f in fields(TrainConfig):
-        if f.name in request and request[f.name] is not None and f.name in casts:
-            value = request[f.name]
-            try:
-                setattr(cfg, f.name, casts[f.name](value))
-            except (TypeError, ValueError, OverflowError) as e:
-                raise TrainOptionError(f"train option {f.name!r}: cannot use {value!r} ({e})") from None
-    for name, (lo, hi) in RANGES.items():
-        v = getattr(cfg, name)
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise TrainOptionError(f"train option {name!r} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v!r}")
+    request = {LEGACY_NAMES.get(k, k): v for k, v in request.items()}
+    for name, (parse, lo, hi) in OPTIONS.items():
+        value = request.get(name)
+        if value is None or value == "":
+            continue
+        try:
+            setattr(cfg, name, parse(value, name) if parse is parse_bool else parse(value, name, lo, hi))
+        except ValueError as e:
+            raise TrainOptionError(f"train option {e}") from None
+    if request.get("train_encoder") not in (None, ""):
+        cfg.train_encoder = str(request["train_encoder"])
     if cfg.train_encoder not in TRAIN_ENCODER_MODES:
         raise TrainOptionError(f"train option 'train_encoder' must be one of {TRAIN_ENCODER_MODES}, got {cfg.train_encoder!r}")
-    if not 0 <= cfg.val_split < 1:
-        raise TrainOptionError(f"train option 'val_split' must be in [0, 1), got {cfg.val_split}")
-    if not 0 <= cfg.synthetic_share < 1:
-        raise TrainOptionError(f"train option 'synthetic_share' must be in [0, 1), got {cfg.synthetic_share}")
     gpus = requested_gpus(request)
     if gpus:
         cfg.world_size = len(gpus)
@@ -107,7 +81,7 @@ def config_from_request(request: Dict[str, Any]) -> TrainConfig:
 
 def requested_gpus(request: Dict[str, Any]) -> list:
     """The GPU ids of a ``multi_gpu`` request (``gpus``: "all" or "0,1"); [] for a one-device run."""
-    if not _as_bool(request.get("multi_gpu", False)):
+    if not parse_bool(request.get("multi_gpu", False), "multi_gpu"):
         return []
     import torch
 
@@ -128,7 +102,7 @@ class FetalHeadSamTrain(TrainTask):
     def validate_request(self, request: Dict[str, Any]) -> None:
         """Refuse unusable options before a job starts (the app calls this from ``POST /train``)."""
         config_from_request(request)
-        if _as_bool(request.get("multi_gpu", False)):
+        if parse_bool(request.get("multi_gpu", False), "multi_gpu"):
             gpus = str(request.get("gpus") or "all").strip()
             if gpus != "all" and not all(g.strip().isdigit() for g in gpus.split(",") if g.strip()):
                 raise TrainOptionError(f"train option 'gpus' must be 'all' or GPU ids like '0,1', got {gpus!r}")
@@ -192,7 +166,8 @@ class FetalHeadSamTrain(TrainTask):
         path = save_finetuned(predictor.model, predictor_model_type(self.source, base_version), self.source.model_dir, meta)
         logger.info(f"saved {path}: best epoch {summary['best_epoch']} {summary['best']}")
         return {"best_epoch": summary["best_epoch"], "metrics": summary["best"], "before": summary["before"],
-                "labels_used": len(summary["train_images"]), "model": path, "seconds": meta["seconds"]}
+                "labels_used": len(summary["train_images"]), "model": path, "seconds": meta["seconds"],
+                "localiser": summary.get("localiser")}
 
 
 def predictor_model_type(source: ModelSource, version: str) -> str:
