@@ -216,13 +216,13 @@ def test_qc_shape_only_is_explicit():
 
 # ---- shape model -----------------------------------------------------------------------------------------------
 
-def test_shape_model_samples_plausible_single_ellipses(hc18):
+def test_shape_model_samples_plausible_single_ellipses(full_hc18):
     from fetal_head.biometry import measure_head
     from fetal_head.synthesis.quality import check_shape
     from fetal_head.synthesis.shape_model import HeadShapeModel, fit_ellipse_to_mask
     from skimage.measure import label
 
-    cases = test_split(hc18, "pool", 40, seed=5)
+    cases = test_split(full_hc18, "pool", 40, seed=5)
     masks = [c.load_mask() for c in cases]
     model = HeadShapeModel.fit(masks)
     real = [fit_ellipse_to_mask(m) for m in masks]

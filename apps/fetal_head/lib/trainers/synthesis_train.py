@@ -26,6 +26,7 @@ from fetal_head.synthesis.diffusion import CONFIGS, DEFAULT_SCHEME, make_config
 from fetal_head.synthesis.quality import QC_MODES, QCThresholds
 from fetal_head.synthesis.sampling import SamplingOptions
 from fetal_head.synthesis.pipeline import default_device, synthesize_into_datastore, train_generator
+from lib.trainers.options import parse_bool, parse_float, parse_int
 from fetal_head.synthesis.store import list_synthetic, purge_synthetic, real_labelled_pairs, real_unlabelled_images
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class SynthesisTrain(TrainTask):
         return os.path.join(self.model_dir, "diffusion", f"{scheme}_{config_name}.pt")
 
     def __call__(self, request, datastore: Datastore):
-        if _flag(request.get("purge", False)):
+        if parse_bool(request.get("purge", False), "purge"):
             removed = purge_synthetic(datastore)
             self._last = {"purged": len(removed)}
             logger.info(f"purged {len(removed)} synthetic pairs")
@@ -83,22 +84,23 @@ class SynthesisTrain(TrainTask):
         config = make_config(
             config_name,
             scheme=scheme,
-            max_steps=_int(request.get("max_steps")),
-            seed=_int(request.get("seed")),
+            max_steps=parse_int(request.get("max_steps"), "max_steps", 0),
+            seed=parse_int(request.get("seed"), "seed", 0),
             sampler=request.get("sampler"),
-            sampling_steps=_int(request.get("sampling_steps")),
-            unlabelled_images=_int(request.get("unlabelled_images")),
-            cond_dropout=_float(request.get("cond_dropout")),
-            guidance_scale=_float(request.get("guidance_scale")),
+            sampling_steps=parse_int(request.get("sampling_steps"), "sampling_steps", 0),
+            unlabelled_images=parse_int(request.get("unlabelled_images"), "unlabelled_images", 0),
+            cond_dropout=parse_float(request.get("cond_dropout"), "cond_dropout", 0.0),
+            guidance_scale=parse_float(request.get("guidance_scale"), "guidance_scale", 0.0),
         )
         pairs = real_labelled_pairs(datastore)
         unlabelled = real_unlabelled_images(datastore) if config.unlabelled_images > 0 else []
         logger.info(f"training the {scheme} generator ({config_name}) on {len(pairs)} real pairs, to step {config.max_steps}")
         ckpt = self.checkpoint_path(scheme, config_name)
-        train_summary = train_generator(pairs, config, ckpt, device=device, resume=_flag(request.get("resume", True)),
+        resume = parse_bool(request.get("resume", True), "resume")
+        train_summary = train_generator(pairs, config, ckpt, device=device, resume=resume,
                                         unlabelled=unlabelled)
 
-        num_pairs = _int(request.get("num_pairs")) or 0
+        num_pairs = parse_int(request.get("num_pairs"), "num_pairs", 0) or 0
         synth_summary = {}
         if num_pairs > 0:
             predictor = None
@@ -107,8 +109,9 @@ class SynthesisTrain(TrainTask):
                     raise ValueError("qc='full' needs the app's SAM model source")
                 predictor = self.model_source.load()
             thresholds = QCThresholds(
-                min_sam_dice=float(request.get("min_sam_dice", QCThresholds.min_sam_dice)),
-                min_sam_click_dice=float(request.get("min_sam_click_dice", QCThresholds.min_sam_click_dice)),
+                min_sam_dice=parse_float(request.get("min_sam_dice", QCThresholds.min_sam_dice), "min_sam_dice", 0.0, 1.0),
+                min_sam_click_dice=parse_float(request.get("min_sam_click_dice", QCThresholds.min_sam_click_dice),
+                                               "min_sam_click_dice", 0.0, 1.0),
             )
             synth_summary = synthesize_into_datastore(
                 datastore, ckpt, num_pairs, seed=config.seed,
@@ -121,15 +124,3 @@ class SynthesisTrain(TrainTask):
             "synthetic_total": len(list_synthetic(datastore)),
         }
         return self._last
-
-
-def _int(v):
-    return None if v is None or v == "" else int(v)
-
-
-def _float(v):
-    return None if v is None or v == "" else float(v)
-
-
-def _flag(v) -> bool:
-    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")

@@ -111,9 +111,13 @@ def add_pair(ds, image_id: str, image: np.ndarray, mask: np.ndarray, provenance:
 
 
 def purge_synthetic(ds) -> List[str]:
-    """Remove every synthetic pair (image, labels, datastore entry); returns the removed ids."""
+    """Remove every pair the pipeline created (image, labels, datastore entry); returns the removed ids. Only ids
+    that carry the pipeline's provenance record are removed: a real image is never purged, whatever else its info
+    says."""
     removed = []
     for image_id in list_synthetic(ds):
+        if not isinstance(ds.get_image_info(image_id).get(PROVENANCE_KEY), dict):
+            continue
         ds.remove_image(image_id)
         removed.append(image_id)
     return removed
