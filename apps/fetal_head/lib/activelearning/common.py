@@ -58,14 +58,17 @@ def not_recent(items, request, datastore: Datastore) -> list:
     return fresh or list(items)
 
 
-class ScoredStrategy(Strategy):
-    """A strategy that picks from cached scores/features; subclasses implement :meth:`pick`."""
+class RealImageStrategy(Strategy):
+    """A strategy over real (non-synthetic) unlabelled images; a variant overrides one hook, :meth:`choose`. This
+    base answers an empty pool clearly and pre-annotates the image handed out (its embedding is cached, so the
+    next infer on it skips the encoder)."""
 
     def __init__(self, description: str, service: SelectionService):
         super().__init__(description)
         self.service = service
 
-    def pick(self, unlabelled, labelled, scores: Dict[str, dict], feats) -> Optional[Tuple[str, float]]:
+    def choose(self, unlabelled, labelled, request, datastore: Datastore) -> Optional[Tuple[str, float, dict]]:
+        """(image id, weight, extra answer fields) among ``unlabelled`` [(id, path)], or None."""
         raise NotImplementedError
 
     def __call__(self, request, datastore: Datastore):
@@ -73,6 +76,24 @@ class ScoredStrategy(Strategy):
         if not unlabelled:
             logger.info(f"{type(self).__name__}: {EMPTY_POOL}")
             return None
+        choice = self.choose(unlabelled, labelled, request, datastore)
+        if choice is None:
+            return None
+        image_id, weight, extra = choice
+        try:
+            self.service.scorer.preannotate(dict(unlabelled)[image_id])
+        except Exception as e:
+            logger.warning(f"pre-annotation of {image_id} failed: {e}")
+        return {"id": image_id, "weight": float(weight), **extra}
+
+
+class ScoredStrategy(RealImageStrategy):
+    """A strategy that picks from cached scores/features; subclasses implement :meth:`pick`."""
+
+    def pick(self, unlabelled, labelled, scores: Dict[str, dict], feats) -> Optional[Tuple[str, float]]:
+        raise NotImplementedError
+
+    def choose(self, unlabelled, labelled, request, datastore: Datastore):
         scorer = self.service.scorer
         scores, feats = scorer.known(unlabelled + labelled)
         if not any(i in scores for i, _ in unlabelled):  # cold start: score a few now, the rest in the background
@@ -89,12 +110,7 @@ class ScoredStrategy(Strategy):
         if choice is None:
             return None
         image_id, weight = choice
-        path = dict(unlabelled)[image_id]
-        try:
-            scorer.preannotate(path)  # the next infer on it skips the encoder
-        except Exception as e:
-            logger.warning(f"pre-annotation of {image_id} failed: {e}")
         stats = {**scorer.stats(), "unlabelled": len(unlabelled),
                  "scored": sum(i in scores for i, _ in unlabelled), "preannotated": image_id}
         logger.info(f"{type(self).__name__}: next sample {image_id} (weight {weight:.4f}; {stats})")
-        return {"id": image_id, "weight": float(weight), "active_learning": stats}
+        return image_id, weight, {"active_learning": stats}

@@ -1,23 +1,11 @@
 """MONAI Label's first strategy (first unlabelled id in sort order), over real images only."""
 
-from monailabel.interfaces.tasks.strategy import Strategy
-
-from .common import EMPTY_POOL, SelectionService, logger
+from .common import RealImageStrategy
 
 
-class FirstReal(Strategy):
-    def __init__(self, service: SelectionService, description="First unlabelled real (non-synthetic) image"):
-        super().__init__(description)
-        self.service = service
+class FirstReal(RealImageStrategy):
+    def __init__(self, service, description="First unlabelled real (non-synthetic) image"):
+        super().__init__(description, service)
 
-    def __call__(self, request, datastore):
-        unlabelled, _ = self.service.pool(request, datastore)
-        if not unlabelled:
-            logger.info(f"FirstReal: {EMPTY_POOL}")
-            return None
-        image_id, path = sorted(unlabelled)[0]
-        try:
-            self.service.scorer.preannotate(path)
-        except Exception as e:
-            logger.warning(f"pre-annotation of {image_id} failed: {e}")
-        return {"id": image_id}
+    def choose(self, unlabelled, labelled, request, datastore):
+        return sorted(unlabelled)[0][0], 1.0, {}

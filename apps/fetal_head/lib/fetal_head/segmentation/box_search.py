@@ -105,16 +105,7 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
 
     logits, iou = predictor.decode(emb, boxes=np.array(boxes))
     low = (logits[:, 0, :ch, :cw] > 0).cpu().numpy()
-    cands = []
-    for i, m in enumerate(low):
-        head = head_component(m, centre, bg_low)
-        if head is None:
-            continue
-        r, c = np.nonzero(head)
-        x0, y0 = c.min() / to_low[0], r.min() / to_low[1]
-        x1, y1 = (c.max() + 1) / to_low[0] - 1, (r.max() + 1) / to_low[1] - 1
-        mx, my = (x1 - x0) * REFINE_MARGIN, (y1 - y0) * REFINE_MARGIN
-        cands.append((head, (max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, w - 1), min(y1 + my, h - 1))))
+    cands = [(head, box) for _, head, box in _heads_with_boxes(low, centre, bg_low, to_low, h, w)]
     if not cands:
         return None
     logits2, iou2 = predictor.decode(emb, boxes=np.array([c[1] for c in cands]))
@@ -156,17 +147,9 @@ def search(predictor: "SamPredictor", emb: "ImageEmbedding", centres, prompt: Pr
 
     logits, iou = predictor.decode(emb, boxes=np.array(boxes))
     low = (logits[:, 0, :ch, :cw] > 0).cpu().numpy()
-    cands = []  # (stage-1 score, head component, refined box)
-    for i, m in enumerate(low):
-        head = head_component(m, fg, bg)
-        if head is None:
-            continue
-        rows, cols = np.nonzero(head)
-        x0, y0 = cols.min() / to_low[0], rows.min() / to_low[1]
-        x1, y1 = (cols.max() + 1) / to_low[0] - 1, (rows.max() + 1) / to_low[1] - 1
-        mx, my = (x1 - x0) * REFINE_MARGIN, (y1 - y0) * REFINE_MARGIN
-        box = (max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, w - 1), min(y1 + my, h - 1))
-        cands.append((float(iou[i, 0]) * ellipse_likeness(head), head, box))
+    # (stage-1 score, head component, refined box)
+    cands = [(float(iou[i, 0]) * ellipse_likeness(head), head, box)
+             for i, head, box in _heads_with_boxes(low, fg, bg, to_low, h, w)]
     if not cands:
         return predictor.empty(emb)
     cands = sorted(cands, key=lambda c: -c[0])[:REFINE_TOP_K]
@@ -175,6 +158,22 @@ def search(predictor: "SamPredictor", emb: "ImageEmbedding", centres, prompt: Pr
     scores = [float(iou2[i, 0]) * _dice(c[1], low2[i]) * ellipse_likeness(low2[i]) for i, c in enumerate(cands)]
     best = int(np.argmax(scores))
     return predictor.finish(emb, logits2[best : best + 1], iou2[best : best + 1])
+
+
+def _heads_with_boxes(low: np.ndarray, fg, bg, to_low: np.ndarray, h: int, w: int):
+    """For each low-resolution candidate mask: (index, its head component (the one holding ``fg``, free of ``bg``),
+    that component's box in image pixels grown by REFINE_MARGIN) -- the boxes the candidates are re-prompted with."""
+    out = []
+    for i, m in enumerate(low):
+        head = head_component(m, fg, bg)
+        if head is None:
+            continue
+        rows, cols = np.nonzero(head)
+        x0, y0 = cols.min() / to_low[0], rows.min() / to_low[1]
+        x1, y1 = (cols.max() + 1) / to_low[0] - 1, (rows.max() + 1) / to_low[1] - 1
+        mx, my = (x1 - x0) * REFINE_MARGIN, (y1 - y0) * REFINE_MARGIN
+        out.append((i, head, (max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, w - 1), min(y1 + my, h - 1))))
+    return out
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
