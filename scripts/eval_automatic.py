@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "apps", "fetal_head", "lib"))
 
@@ -53,7 +54,8 @@ def train_cell(pool, n, seed, args, work, tag, base_dir=None):
     steps_per_epoch = max(1, math.ceil((n - n_val) / BATCH))
     epochs = int(np.clip(math.ceil(args.train_steps / steps_per_epoch), 1, MAX_EPOCHS))
     cfg = TrainConfig(max_epochs=epochs, train_batch_size=BATCH, val_split=val_split, learning_rate=LR, seed=seed,
-                      automatic_head=args.automatic_head, localiser_steps=args.localiser_steps,
+                      automatic_head=args.automatic_head,
+                      localiser=args.localiser, localiser_steps=args.localiser_steps,
                       localiser_folds=args.folds, localiser_gate=not args.no_gate)
     predictor = (ModelSource(model_dir=base_dir).load() if base_dir else SamPredictor.litemedsam(version=LITEMEDSAM))
     t0 = time.time()
@@ -62,14 +64,44 @@ def train_cell(pool, n, seed, args, work, tag, base_dir=None):
     save_finetuned(predictor.model, LITEMEDSAM, model_dir, checkpoint_meta(summary, LITEMEDSAM))
     info = {"labels": [c.image_id for c in chosen], "epochs": epochs, "seconds_train": round(time.time() - t0, 1),
             "localiser": summary.get("localiser"), "best_epochs": summary.get("best_epochs")}
+    with open(os.path.join(model_dir, "cell_info.json"), "w") as f:
+        json.dump(info, f, default=float)
     return model_dir, info
 
 
-def eval_cell(model_dir, test, holder, modes, cache):
+def trained_cell(work, tag):
+    """(model_dir, info) of a cell whose model a stopped run already trained and saved, else None."""
+    model_dir = os.path.join(work, "models", tag)
+    if not os.path.isfile(os.path.join(model_dir, "cell_info.json")):
+        return None
+    with open(os.path.join(model_dir, "cell_info.json")) as f:
+        return model_dir, json.load(f)
+
+
+def eval_cell(model_dir, test, holder, modes, cache, inc_path):
+    """Rows of every test image, one image at a time in a fixed random order (``default_rng(0)``), each image's rows
+    appended to ``inc_path`` (JSON lines) as soon as they are scored: a stopped run resumes there, and a partial
+    file is a random subsample of the test set (on this 2-core CPU the automatic mode costs ~25 s an image)."""
     tuned = ModelSource(model_dir=model_dir).load() if model_dir else SamPredictor.litemedsam(version=LITEMEDSAM)
     tuned.share_cache(holder)
+    tuned.cache_size = holder.cache_size  # it shares the holder's LRU: do not let it trim the warmed embeddings
     tuned.automatic_agreement = False
-    rows, _ = evaluate(tuned, test, modes, desc="evaluate")
+    done = {}
+    if os.path.isfile(inc_path):
+        with open(inc_path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    done.setdefault(r["image"], []).append(r)
+    rows = []
+    for i in tqdm(np.random.default_rng(0).permutation(len(test)), desc="evaluate", unit="image", mininterval=30):
+        t = test[i]
+        if t.case.image_id not in done:
+            got, _ = evaluate(tuned, [t], modes, desc=t.case.image_id)
+            with open(inc_path, "a") as f:
+                f.writelines(json.dumps(r, default=float) + "\n" for r in got)
+            done[t.case.image_id] = got
+        rows += done[t.case.image_id]
     return rows
 
 
@@ -90,12 +122,16 @@ def run(args):
         test_cases = test_cases[: args.test_limit]
     work = args.work_dir
     os.makedirs(os.path.join(work, "cells"), exist_ok=True)
-    holder = SamPredictor.litemedsam(version=LITEMEDSAM)
-    cache = EmbeddingCache(args.cache_dir, holder)
-    test = load_test_images(test_cases, seed=0)
-    warm_embeddings(holder, test, cache)
+    if args.report_only:
+        test, holder, cache = test_cases, None, None
+    else:
+        holder = SamPredictor.litemedsam(version=LITEMEDSAM)
+        cache = EmbeddingCache(args.cache_dir, holder)
+        test = load_test_images(test_cases, seed=0)
+        warm_embeddings(holder, test, cache)
 
     plan = []  # (tag, n, seed, kind)
+    suffix = ("_loc" + ("_nogate" if args.no_gate else "")) if args.localiser else ""
     if args.new_site:
         for seed in args.seeds:
             plan.append((f"site_base_n{args.base_n}_s{seed}", args.base_n, seed, "base"))
@@ -106,8 +142,10 @@ def run(args):
             plan.append(("zero-shot", 0, 0, "zero"))
         for n in args.n:
             for seed in args.seeds:
-                plan.append((f"n{n}_s{seed}", n, seed, "real"))
+                plan.append((f"n{n}_s{seed}{suffix}", n, seed, "real"))
     results = []
+    if args.report_only:
+        plan = []
     for tag, n, seed, kind in plan:
         path = os.path.join(work, "cells", tag + ".json")
         if os.path.isfile(path):
@@ -118,20 +156,54 @@ def run(args):
         info: dict = {}
         model_dir = None
         if kind == "real":
-            model_dir, info = train_cell(pool, n, seed, args, work, tag)
+            model_dir, info = trained_cell(work, tag) or train_cell(pool, n, seed, args, work, tag)
         elif kind == "base":
             model_dir, info = train_cell(pool, n, seed, args, work, tag)
         elif kind == "site":
             base_dir = os.path.join(work, "models", f"site_base_n{args.base_n}_s{seed}")
             model_dir, info = train_cell(site_pool, n, seed, args, work, tag, base_dir=base_dir)
-        rows = eval_cell(model_dir, test, holder, args.modes, cache)
+        os.makedirs(os.path.join(work, "inc"), exist_ok=True)
+        rows = eval_cell(model_dir, test, holder, args.modes, cache, os.path.join(work, "inc", tag + ".jsonl"))
         rec = {"tag": tag, "n": n, "seed": seed, "kind": kind, "rows": rows, "info": info,
-               "summary": summarize(rows), "seconds": round(time.time() - t0, 1)}
+               "summary": summarize(rows), "seconds": round(time.time() - t0, 1),
+               "command": "python scripts/eval_automatic.py " + " ".join(sys.argv[1:])}
         with open(path, "w") as f:
             json.dump(rec, f, default=float)
         logging.info(f"{tag}: {json.dumps(rec['summary'])}")
         results.append(rec)
+    if not args.new_site:  # the report covers every cell in the work dir (other runs' cells included)
+        results = []
+        for name in sorted(os.listdir(os.path.join(work, "cells"))):
+            with open(os.path.join(work, "cells", name)) as f:
+                rec = json.load(f)
+            if rec["kind"] == "real":
+                results.append(rec)
+        results.sort(key=lambda r: (r["n"], r["seed"], r["tag"]))
     write_report(results, args, len(test))
+
+
+def headline(results):
+    """The issue-12 table: per cell, box / automatic / click (box from the localiser-off cell of the same N and seed
+    when the cell did not score box: the localiser does not touch box prompts)."""
+    lines = ["| N labels | localiser | box Dice % | automatic Dice % | automatic images < 0.80 | automatic HC abs diff mm "
+             "| click (centroid) Dice % | images scored | cell |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by_tag = {r["tag"]: r for r in results}
+    for rec in results:
+        s = rec["summary"]
+        loc = (rec.get("info") or {}).get("localiser")
+        box = s.get("box")
+        box_note = ""
+        if box is None:
+            off = by_tag.get(f"n{rec['n']}_s{rec['seed']}")
+            box = off and off["summary"].get("box")
+            box_note = " (off cell)"
+        auto, click = s.get("automatic"), s.get("click")
+        low = sum(r["dice"] < 0.8 for r in rec["rows"] if r["mode"] == "automatic")
+        f = lambda m: f"{100 * m['dice']:.2f}" if m else "-"
+        lines.append(f"| {rec['n']} | {'on (gate off)' if loc and loc.get('replaced') else 'off'} | {f(box)}{box_note} | "
+                     f"{f(auto)} | {low if auto else '-'} | {auto['hc_abs_diff_mm']:.2f} | {f(click)} | {auto['images']} | "
+                     f"{rec['tag']} |" if auto else f"| {rec['n']} | ? | {f(box)} | - | - | - | {f(click)} | {rec['tag']} | |")
+    return lines
 
 
 def write_report(results, args, n_test):
@@ -140,7 +212,8 @@ def write_report(results, args, n_test):
     lines = [f"# Automatic mode from few labels ({'new-site simulation' if args.new_site else 'HC18 test split'})", "",
              f"{n_test} test images at full resolution, scored by `fetal_head.evaluation.core` (Dice, HD95, HC "
              "absolute difference; failures kept in the means). Labels: `select_labels(pool, N, seed)`.", "",
-             f"Command: `python scripts/eval_automatic.py {' '.join(sys.argv[1:])}`", "",
+             *headline(results), "",
+             "Commands (per cell):", "", *sorted({f"- `{r.get('command', '?')}`" for r in results}), "",
              "| cell | N | seed | mode | Dice % | HD95 mm | HC abs diff mm | Dice < 0.80 | failures | localiser gate (CV automatic Dice vs baseline) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     csv_rows = []
@@ -185,12 +258,14 @@ def main():
     ap.add_argument("--zero-shot", action="store_true")
     ap.add_argument("--automatic-head", action="store_true", help="also train the old automatic head")
     ap.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="box decoder optimizer steps")
-    ap.add_argument("--localiser-steps", type=int, default=200)
+    ap.add_argument("--localiser", action="store_true", help="also train the head localiser (opt-in, TrainConfig.localiser)")
+    ap.add_argument("--localiser-steps", type=int, default=300, help="the trainer's default")
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--no-gate", action="store_true", help="attach the localiser even when its cross-validated "
                     "automatic Dice does not beat the box search (to measure it; the gate's verdict is still reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-site", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the cells in --work-dir")
     ap.add_argument("--base-n", type=int, default=20)
     ap.add_argument("--site-n", type=int, nargs="+", default=[5, 10])
     run(ap.parse_args())
