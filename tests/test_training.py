@@ -78,7 +78,8 @@ def test_ddp_over_two_gloo_processes_trains_on_disjoint_shards_and_serves(hc18, 
 
     items = labelled_items(test_split(hc18, "pool", 5, seed=4), tmp_path / "labels")
     predictor = SamPredictor.litemedsam()
-    cfg = TrainConfig(max_epochs=1, train_batch_size=2, val_split=0.2, world_size=2, seed=0)
+    # validation with 5 labels (below the few-label rule's 10) so that rank 0's validation path runs too
+    cfg = TrainConfig(max_epochs=1, train_batch_size=2, val_split=0.2, world_size=2, seed=0, min_labels_for_validation=2)
     summary = finetune(predictor, items, cfg, str(tmp_path / "cache"))
     assert len(summary["train_images"]) == 4 and len(summary["val_images"]) == 1
     rank0, rank1 = summary["last_epoch_shards"]
