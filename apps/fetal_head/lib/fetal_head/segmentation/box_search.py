@@ -91,11 +91,7 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     cx, cy = (cols.mean() + 0.5) * w / nw, (rows.mean() + 0.5) * h / nh
     if fg is not None and len(fg):
         cx, cy = fg.mean(axis=0)
-    boxes = [loc.box]
-    for sc in LOCALISED_SCALES:
-        bh = sc * min(h, w)
-        bw = min(bh * SEARCH_ASPECT, w)
-        boxes.append((max(cx - bw / 2, 0), max(cy - bh / 2, 0), min(cx + bw / 2, w - 1), min(cy + bh / 2, h - 1)))
+    boxes = [loc.box] + boxes_around([(cx, cy)], LOCALISED_SCALES, h, w)
     ch, cw = predictor.low_res_hw(emb)
     to_low = np.array([cw / w, ch / h])
     centre = np.array([[cx, cy]]) * to_low
@@ -134,12 +130,7 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
 def search(predictor: "SamPredictor", emb: "ImageEmbedding", centres, prompt: Prompt) -> "Prediction":
     """The best head among candidate boxes around ``centres`` (clicks in ``prompt`` select and exclude)."""
     h, w = emb.original_hw
-    boxes = []
-    for cx, cy in centres:
-        for s in SEARCH_SCALES:
-            bh = s * min(h, w)
-            bw = min(bh * SEARCH_ASPECT, w)
-            boxes.append((max(cx - bw / 2, 0), max(cy - bh / 2, 0), min(cx + bw / 2, w - 1), min(cy + bh / 2, h - 1)))
+    boxes = boxes_around(centres, SEARCH_SCALES, h, w)
     ch, cw = predictor.low_res_hw(emb)
     to_low = np.array([cw / w, ch / h])
     fg = prompt.points[prompt.labels == 1] * to_low if len(prompt.points) else None
@@ -158,6 +149,17 @@ def search(predictor: "SamPredictor", emb: "ImageEmbedding", centres, prompt: Pr
     scores = [float(iou2[i, 0]) * _dice(c[1], low2[i]) * ellipse_likeness(low2[i]) for i, c in enumerate(cands)]
     best = int(np.argmax(scores))
     return predictor.finish(emb, logits2[best : best + 1], iou2[best : best + 1])
+
+
+def boxes_around(centres, scales, h: int, w: int) -> list:
+    """Candidate boxes of each height ``scale x shorter side`` (width x SEARCH_ASPECT) around each centre, clipped."""
+    boxes = []
+    for cx, cy in centres:
+        for s in scales:
+            bh = s * min(h, w)
+            bw = min(bh * SEARCH_ASPECT, w)
+            boxes.append((max(cx - bw / 2, 0), max(cy - bh / 2, 0), min(cx + bw / 2, w - 1), min(cy + bh / 2, h - 1)))
+    return boxes
 
 
 def _heads_with_boxes(low: np.ndarray, fg, bg, to_low: np.ndarray, h: int, w: int):

@@ -211,22 +211,15 @@ class SamPredictor:
         return xy * np.array([nw / w, nh / h], dtype=np.float32)
 
     @torch.inference_mode()
-    def decode(
-        self,
-        emb: ImageEmbedding,
-        boxes: Optional[np.ndarray] = None,
-        points: Optional[np.ndarray] = None,
-        labels: Optional[np.ndarray] = None,
-        multimask: bool = False,
-        decoder: Optional[nn.Module] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Low-resolution logits (B, K, 256, 256) and predicted IoU (B, K).
+    def decode(self, emb: ImageEmbedding, *args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution logits (B, K, 256, 256) and predicted IoU (B, K); the arguments of
+        :meth:`decode_with_grad`.
 
         ``boxes`` is (B, 4) as (x_min, y_min, x_max, y_max) in the image frame: B candidate boxes are decoded
         in one batched call (SAM's decoder repeats the image embedding per prompt). Points apply to each box.
         No boxes and no points: no sparse prompt at all (what the automatic head, ``decoder``, is trained on).
         """
-        return self.decode_with_grad(emb, boxes, points, labels, multimask, decoder)
+        return self.decode_with_grad(emb, *args, **kwargs)
 
     def decode_with_grad(
         self,
