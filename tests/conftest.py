@@ -83,13 +83,36 @@ def full_hc18():
     return read_hc18(HC18_FULL)
 
 
-def test_split(cases, split, n, seed=0):
-    """n cases of a split, drawn with a fixed seed (deterministic across runs)."""
-    pool = [c for c in cases if c.split == split]
-    if len(pool) < n:
-        pytest.skip(f"needs {n} {split}-split HC18 images, {len(pool)} available: {FULL_HC18_MISSING}")
+SPLITS_CSV = REPO / "scripts" / "hc18_splits.csv"  # the full set's subject-wise split (595 images)
+
+# Every (split, n, seed) draw the tests make; tests/data/make_hc18_subset.py puts each drawn image into the subset,
+# so a clone without the full set draws the very same images as CI does with it.
+TEST_DRAWS = [("pool", 1, 11), ("pool", 2, 5), ("pool", 2, 11), ("pool", 3, 4), ("pool", 4, 8), ("pool", 5, 4),
+              ("pool", 5, 9), ("pool", 6, 8), ("pool", 8, 3), ("pool", 9, 5), ("pool", 10, 2),
+              ("test", 2, 7), ("test", 2, 12), ("test", 2, 13), ("test", 3, 3), ("test", 3, 5), ("test", 3, 11),
+              ("test", 4, 3), ("test", 5, 3), ("test", 6, 0), ("test", 12, 1), ("test", 16, 2), ("test", 20, 3)]
+
+
+def drawn_names(split, n, seed=0):
+    """The file names of n images of a split, drawn with a fixed seed over the FULL set's split (scripts/
+    hc18_splits.csv, sorted by name, as read_cases orders them): the same names whichever set is loaded."""
+    import csv
+
+    with open(SPLITS_CSV, newline="") as f:
+        names = sorted(r["filename"] for r in csv.DictReader(f) if r["split"] == split)
     rng = np.random.default_rng(seed)
-    return [pool[i] for i in sorted(rng.choice(len(pool), size=n, replace=False))]
+    return [names[i] for i in sorted(rng.choice(len(names), size=min(n, len(names)), replace=False))]
+
+
+def test_split(cases, split, n, seed=0):
+    """n cases of a split, drawn with a fixed seed (deterministic across runs, identical on the full set and on
+    the in-repo subset, which holds every image the tests draw: ``TEST_DRAWS``)."""
+    by_name = {c.name: c for c in cases if c.split == split}
+    names = drawn_names(split, n, seed)
+    missing = [m for m in names if m not in by_name]
+    if missing:
+        pytest.skip(f"needs {split}-split HC18 images {missing[:3]}... not in the loaded set: {FULL_HC18_MISSING}")
+    return [by_name[m] for m in names]
 
 
 test_split.__test__ = False  # a helper, not a test

@@ -55,7 +55,13 @@ def main(src: Path, dst: Path):
     for split, n in (("test", N_TEST), ("pool", N_POOL)):
         names = sorted(m for m, r in splits.items() if r["split"] == split)
         chosen += pick(names, sizes, n, WITH_ANNOTATION[split], rng)
-    chosen = sorted(chosen)
+    # every image the tests draw (conftest.TEST_DRAWS), so a clone without the full set tests the same images
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import TEST_DRAWS, drawn_names
+
+    for split, n, seed in TEST_DRAWS:
+        chosen += drawn_names(split, n, seed)
+    chosen = sorted(set(chosen))
     if dst.exists():
         shutil.rmtree(dst / "images", ignore_errors=True)
         shutil.rmtree(dst / "masks", ignore_errors=True)
