@@ -50,6 +50,17 @@ def dice(a, b) -> float:
     return float(compute_dice(ta, tb, include_background=True, ignore_empty=False)[0, 0])
 
 
+def png_bytes(array) -> bytes:
+    """An 8-bit array as PNG bytes (labels and images to upload)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def read_hc18(folder: Path):
     from fetal_head.io.hc18 import read_cases
 

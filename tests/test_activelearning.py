@@ -3,7 +3,6 @@ only unlabelled, non-synthetic images, never one labelled meanwhile; scores are 
 empty pool gives an empty answer; auto-retrain after K labels runs MONAI Label's training task and the new model
 serves without a restart. The selection rules themselves are unit-tested at the end (no server)."""
 
-import io
 import json
 import shutil
 import time
@@ -11,19 +10,13 @@ import time
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
-from conftest import Server, make_app_copy, test_split
+from conftest import Server, make_app_copy, test_split, png_bytes
 
 STRATEGIES = ("uncertainty", "diversity", "hybrid", "random", "first")
 N_UNLABELLED = 4
 K = 2  # auto_retrain_every
 
-
-def png_bytes(mask):
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import Server, dice, make_app_copy, test_split
+from conftest import Server, dice, make_app_copy, test_split, png_bytes
 from orthanc_server import OrthancServer
 from test_server_e2e import infer, multipart, slicer_roi
 
@@ -83,11 +83,6 @@ def put_label(pacs, image_id, name, content, params=None):
         timeout=120,
     )
 
-
-def png_bytes(mask):
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def seg_instances(pacs):

@@ -7,7 +7,6 @@ a kill mid-write used to leave) and must recover from the folder.
 """
 
 import hashlib
-import io
 import json
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import Server, make_app_copy, test_split
+from conftest import Server, make_app_copy, test_split, png_bytes
 
 N_IMAGES = 4  # 2 with a final label, 2 without
 
@@ -29,11 +28,6 @@ def tree_hashes(root: Path, skip: Path = None) -> dict:
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
-
-def png(array) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def srv(tmp_path_factory, hc18):
     import_cases(unlabelled, str(studies), with_labels=False)
     (studies / "datastore_v2.json").write_bytes(b"")  # a kill in the middle of MONAI Label's in-place rewrite
     (parent / "victim.txt").write_text("do not touch")
-    (parent / "victim.png").write_bytes(png(np.zeros((8, 8))))
+    (parent / "victim.png").write_bytes(png_bytes(np.zeros((8, 8))))
     server = Server(studies, make_app_copy(tmp), tmp / "server.log")
     server.parent, server.studies = parent, studies
     server.labelled, server.unlabelled = labelled, unlabelled
@@ -94,18 +88,18 @@ def probes(srv):
         ("1", "PUT image ?image=<abs path> (txt)", lambda: requests.put(
             f"{u}/datastore/image", params={"image": victim}, files={"file": ("victim.txt", b"x")}, timeout=60), 400),
         ("1", "PUT image ?image=<abs path> (png)", lambda: requests.put(
-            f"{u}/datastore/image", params={"image": victim}, files={"file": ("victim.png", png(np.ones((8, 8))))},
+            f"{u}/datastore/image", params={"image": victim}, files={"file": ("victim.png", png_bytes(np.ones((8, 8))))},
             timeout=60), 400),
         ("1", "PUT image ?image=../escape", lambda: requests.put(
-            f"{u}/datastore/image", params={"image": "../escape"}, files={"file": ("e.png", png(np.ones((8, 8))))},
+            f"{u}/datastore/image", params={"image": "../escape"}, files={"file": ("e.png", png_bytes(np.ones((8, 8))))},
             timeout=60), 400),
         ("1", "DELETE image ?id=<abs path>", lambda: requests.delete(
             f"{u}/datastore/image", params={"id": victim}, timeout=60), 400),
         ("1", "DELETE image ?id=../victim", lambda: requests.delete(
             f"{u}/datastore/image", params={"id": "../victim"}, timeout=60), 400),
         ("1", "PUT label tag=../../escape_tag", lambda: put_label(
-            srv, free.image_id, "l.png", png(np.zeros(shape)), tag="../../escape_tag"), 400),
-        ("1", "PUT label image=../victim", lambda: put_label(srv, "../victim", "l.png", png(np.zeros(shape))), 400),
+            srv, free.image_id, "l.png", png_bytes(np.zeros(shape)), tag="../../escape_tag"), 400),
+        ("1", "PUT label image=../victim", lambda: put_label(srv, "../victim", "l.png", png_bytes(np.zeros(shape))), 400),
         ("1", "DELETE label tag=../final", lambda: requests.delete(
             f"{u}/datastore/label", params={"id": real.image_id, "tag": "../final"}, timeout=60), 400),
         ("1", "GET image ?image=../victim.txt", lambda: requests.get(
@@ -124,9 +118,9 @@ def probes(srv):
         ("2", "DELETE image with final label (no force)", lambda: requests.delete(
             f"{u}/datastore/image", params={"id": real.image_id}, timeout=60), 409),
         ("2", "PUT final label over a final one (no force)", lambda: put_label(
-            srv, real.image_id, "l.png", png(np.zeros(shape))), 409),
+            srv, real.image_id, "l.png", png_bytes(np.zeros(shape))), 409),
         ("2", "PUT image over an existing one (no force)", lambda: requests.put(
-            f"{u}/datastore/image", params={"image": real.image_id}, files={"file": ("x.png", png(np.ones(shape)))},
+            f"{u}/datastore/image", params={"image": real.image_id}, files={"file": ("x.png", png_bytes(np.ones(shape)))},
             timeout=60), 409),
         ("2", "PUT image/info synthetic=true", lambda: requests.put(
             f"{u}/datastore/image/info", params={"image": srv.labelled[1].image_id},
@@ -135,20 +129,20 @@ def probes(srv):
             f"{u}/datastore/image/info", params={"image": srv.labelled[1].image_id},
             data={"info": json.dumps({"provenance": {"scheme": "x"}})}, timeout=60), 422),
         ("2", "PUT image ?image=synthetic_x", lambda: requests.put(
-            f"{u}/datastore/image", params={"image": "synthetic_x"}, files={"file": ("s.png", png(np.ones(shape)))},
+            f"{u}/datastore/image", params={"image": "synthetic_x"}, files={"file": ("s.png", png_bytes(np.ones(shape)))},
             timeout=60), 422),
         ("2", "PUT image params synthetic=true", lambda: requests.put(
-            f"{u}/datastore/image", params={"image": "new_img"}, files={"file": ("s.png", png(np.ones(shape)))},
+            f"{u}/datastore/image", params={"image": "new_img"}, files={"file": ("s.png", png_bytes(np.ones(shape)))},
             data={"params": json.dumps({"synthetic": True})}, timeout=60), 422),
         ("3", "PUT 100x100 PNG as final label", lambda: put_label(
-            srv, free.image_id, "l.png", png(np.ones((100, 100)))), 422),
+            srv, free.image_id, "l.png", png_bytes(np.ones((100, 100)))), 422),
         ("3", "PUT text file as final label", lambda: put_label(srv, free.image_id, "l.png", b"not an image"), 422),
         ("3", "PUT .txt file as final label", lambda: put_label(srv, free.image_id, "l.txt", b"not an image"), 422),
         ("3", "PUT label with values {0, 7}", lambda: put_label(
-            srv, free.image_id, "l.png", png(np.where(np.arange(shape[1]) % 2, 7, 0)[None].repeat(shape[0], 0))),
+            srv, free.image_id, "l.png", png_bytes(np.where(np.arange(shape[1]) % 2, 7, 0)[None].repeat(shape[0], 0))),
          422),
         ("3", "PUT RGB label", lambda: put_label(
-            srv, free.image_id, "l.png", png(np.zeros((*shape, 3)))), 422),
+            srv, free.image_id, "l.png", png_bytes(np.zeros((*shape, 3)))), 422),
         ("3", "PUT empty label file", lambda: put_label(srv, free.image_id, "l.png", b""), 422),
     ]
 
@@ -178,7 +172,7 @@ def test_forced_replace_and_delete_keep_history(srv):
     edited = (real.load_mask() > 0).astype(np.uint8)
     edited[: edited.shape[0] // 2] = 0
 
-    resp = put_label(srv, real.image_id, "l.png", png(edited * 255), force="true")
+    resp = put_label(srv, real.image_id, "l.png", png_bytes(edited * 255), force="true")
     assert resp.status_code == 200, resp.text
     assert np.array_equal(np.array(Image.open(label_file)) > 0, edited > 0)
     history = requests.get(f"{srv.url}/datastore/label/history", params={"label": real.image_id}, timeout=30).json()
@@ -214,7 +208,7 @@ def test_valid_labels_are_accepted(srv):
 
     a, b = srv.unlabelled
     mask_a = (a.load_mask() > 0).astype(np.uint8)
-    resp = put_label(srv, a.image_id, "l.png", png(mask_a * 255), params={"label_info": [{"name": "fetal_head"}]})
+    resp = put_label(srv, a.image_id, "l.png", png_bytes(mask_a * 255), params={"label_info": [{"name": "fetal_head"}]})
     assert resp.status_code == 200, resp.text
     nrrd = srv.parent.parent / "slicer_label.nrrd"
     itk.imwrite(itk.image_from_array((b.load_mask() > 0).astype(np.uint8)[None]), str(nrrd), compression=True)
@@ -222,7 +216,7 @@ def test_valid_labels_are_accepted(srv):
     assert resp.status_code == 200, resp.text
     assert (srv.studies / "labels" / "final" / f"{b.image_id}.nrrd").is_file()
     # a file name with a path in it lands inside the datastore under its base name (documented 200)
-    resp = requests.put(f"{srv.url}/datastore/image", files={"file": ("../../escape2.png", png(np.ones((60, 80))))},
+    resp = requests.put(f"{srv.url}/datastore/image", files={"file": ("../../escape2.png", png_bytes(np.ones((60, 80))))},
                         timeout=60)
     assert resp.status_code == 200 and resp.json()["image"] == "escape2", resp.text
     assert (srv.studies / "escape2.png").is_file()
