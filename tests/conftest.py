@@ -3,8 +3,8 @@ a real `monailabel start_server` subprocess.
 
 HC18 data:
 - ``hc18``: the full 595-image set from ``HC18_DIR``, ``.data/hc18`` (scripts/get_hc18.py) or
-  ``../shared/data/hc18`` when it is there, else the 36-image subset shipped in ``tests/data/hc18_subset``
-  (24 test-split, 12 pool-split images). Most tests use this.
+  ``../shared/data/hc18`` when it is there, else the 136-image subset shipped in ``tests/data/hc18_subset``
+  (73 test-split, 63 pool-split images). Most tests use this.
 - ``full_hc18``: the full set, or the test is skipped with one line saying why (no traceback).
 - ``hc18_subset``: always the shipped subset.
 Only numpy and pytest are imported here at module level, so tests that need nothing else (tests/test_biometry.py)

@@ -27,15 +27,15 @@ def test_hc_from_reference_masks_matches_csv_on_all_images(full_hc18):
 
 
 def test_hc_from_reference_masks_matches_csv_on_the_subset(hc18_subset):
-    """The same check on the 36 images shipped in tests/data (runs in every clone)."""
+    """The same check on the 136 images shipped in tests/data (runs in every clone)."""
     errors = _hc_errors(hc18_subset)
-    assert len(errors) == 36
+    assert len(errors) == 136
     assert np.abs(errors).mean() <= 0.1 and np.abs(errors).max() <= 1.0
 
 
 def test_boundary_offset_is_calibrated_on_the_pool_split_only(hc18):
     """The 1.35 px default comes from pool images; it must hold there (test images are never used to tune it).
-    Every 10th pool image of the full set (44), or the subset's 12 pool images."""
+    Every 10th pool image of the full set (44), or the subset's 63 pool images."""
     pool = [c for c in hc18 if c.split == "pool"]
     pool = pool[::10] if len(pool) > 100 else pool
     implied = []
