@@ -20,13 +20,16 @@ def predictor():
 
 @pytest.fixture(scope="module")
 def samples(predictor, hc18_subset):
-    """(features, mask, input_hw, image) of 8 pool-split and 8 test-split images of the shipped subset (embeddings
-    in the repository's gitignored disk cache, so reruns encode nothing)."""
+    """(features, mask, input_hw, image) of 8 pool-split and 8 test-split images spread over the shipped subset
+    (HC18 numbers its images by gestational age: the first 8 would all be first-trimester heads, the localiser's
+    weak spot -- trained and tested there it found 4-6 of 8). Embeddings in the repository's gitignored disk cache,
+    so reruns encode nothing."""
     cache = EmbeddingCache(str(REPO / ".data" / "emb_cache"), predictor)
     out = {}
     for split in ("pool", "test"):
         rows = []
-        for c in [c for c in hc18_subset if c.split == split][:8]:
+        cases = [c for c in hc18_subset if c.split == split]
+        for c in cases[:: len(cases) // 8][:8]:
             image = read_image(c.image_path)
             emb = cache.get(image)
             predictor.remember(image, emb)
@@ -37,7 +40,9 @@ def samples(predictor, hc18_subset):
 
 @pytest.fixture(scope="module")
 def trained(samples):
-    return L.train_localiser([s[:3] for s in samples["pool"]], L.LocaliserConfig(steps=60, batch_size=4, seed=0))
+    # the trainer's own schedule (LocaliserConfig defaults): a shorter one (60 steps, batch 4) left the head map
+    # at ~0.64 everywhere and found no head box
+    return L.train_localiser([s[:3] for s in samples["pool"]], L.LocaliserConfig(seed=0))
 
 
 def test_targets_and_flip_augmentation_are_consistent(samples):
@@ -55,7 +60,8 @@ def test_targets_and_flip_augmentation_are_consistent(samples):
 
 def test_localiser_from_8_labels_finds_held_out_heads(trained, samples):
     """What the localiser is for: *where* the head is (its head's centre inside the reference head box); its extent
-    is left to the box decoder (box IoU alone is ~0.55 after 5 labels on 40 HC18 test images)."""
+    is left to the box decoder and the skull ring (box IoU alone is ~0.55 after 5 labels on 40 HC18 test images;
+    here, 8 labels: centre inside on 7 of 8, box IoU 0.57 on average)."""
     inside, ious = 0, []
     for f, m, hw, _ in samples["test"]:
         loc = L.localise(trained, f, m.shape, hw)
@@ -68,7 +74,7 @@ def test_localiser_from_8_labels_finds_held_out_heads(trained, samples):
         inside += x0 <= cx <= x1 and y0 <= cy <= y1
     assert int(trained.trained_labels) == 8
     assert inside >= 7, (inside, ious)
-    assert np.mean(ious) > 0.35, ious
+    assert np.mean(ious) > 0.4, ious
 
 
 def test_click_selects_and_background_click_removes(trained, samples):
@@ -106,16 +112,19 @@ def test_automatic_and_click_answers_come_from_the_localiser_with_confidence(pre
     predictor.automatic_agreement = True
     try:
         scores = []
-        for feat, mask, hw, image in samples["test"][:3]:
+        for feat, mask, hw, image in samples["test"]:
             pred = predictor.predict(image, Prompt())
             assert pred.confidence["source"] == "localiser"
             assert 0.0 <= pred.confidence["localiser_score"] <= 1.0
             assert "box_search_agreement" in pred.confidence and "localiser_decoder_dice" in pred.confidence
+            assert pred.confidence["chosen_candidate"] in ("localiser", "skull_ring")
+            assert pred.confidence["skull_ring_support"] is None or 0 < pred.confidence["skull_ring_support"] <= 1
             scores.append(dice(pred.mask, mask))
             rows, cols = np.nonzero(mask)
             click = predictor.predict(image, Prompt(points=np.array([[cols.mean(), rows.mean()]], dtype=np.float32),
                                                     labels=np.array([1])))
             assert click.confidence["source"] in ("localiser", "box_search")
+        print("automatic Dice, zero-shot decoder + localiser + skull ring:", np.round(scores, 3))
         assert np.mean(scores) > 0.7, scores
     finally:
         delattr(net, LOCALISER)

@@ -5,7 +5,8 @@ an empty mask zero-shot). Three routes, all ending in the box decoder:
 
 - :func:`localised`: a fine-tuned model's head localiser (:mod:`.localiser`, a small conv head on the image
   embedding) says where the head is (a foreground click picks the component that holds it, a background click
-  removes one); candidate boxes centred there are decoded, re-boxed once, and scored with the localiser's map;
+  removes one); candidate boxes centred there, plus the skull ring's box (:mod:`.skull_ring`), are decoded,
+  re-boxed once, and scored;
 - :func:`automatic_head`: a fine-tuned model's automatic head (a second mask decoder trained with no prompt) gives
   a coarse head mask; its largest component's box plus a margin goes to the box decoder, whose mask is re-boxed
   once more;
@@ -70,15 +71,18 @@ LOCALISED_SCALES = (0.3, 0.45, 0.6, 0.75, 0.9)  # candidate box heights around t
 
 
 @torch.inference_mode()
-def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt = Prompt()) -> Optional["Prediction"]:
+def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt = Prompt(),
+              image: Optional[np.ndarray] = None) -> Optional["Prediction"]:
     """The localiser says *where* the head is (its centre was inside the true head box on 40 of 40 test images
     after 5 labels) more reliably than *how far* it extends (its thresholded map over-reaches: median box area
     1.7x the true one, and the box decoder fed that box scored 0.70-0.74 Dice). So: candidate boxes of several
     sizes (plus the localiser's own box) centred on the localiser's head (or the foreground click) are decoded in
     one batch, each candidate's component holding the centre is re-prompted with its own box plus a margin, and
     the answer that is confident (predicted IoU), stable under that re-prompt, ellipse-shaped and agrees with the
-    localiser's soft head map wins. None when the localiser finds no head (or none holding the click)."""
+    localiser's soft head map wins. With the ``image``, the skull ring around that centre (:mod:`.skull_ring`)
+    adds one more candidate box. None when the localiser finds no head (or none holding the click)."""
     from .localiser import localise
+    from .skull_ring import skull_ring
 
     h, w = emb.original_hw
     fg = prompt.points[prompt.labels == 1] if len(prompt.points) else None
@@ -92,6 +96,9 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     if fg is not None and len(fg):
         cx, cy = fg.mean(axis=0)
     boxes = [loc.box] + boxes_around([(cx, cy)], LOCALISED_SCALES, h, w)
+    ring = skull_ring(image, (cx, cy)) if image is not None else None
+    if ring is not None:
+        boxes.append(ring.box(AUTOMATIC_MARGIN_PX, h, w))
     ch, cw = predictor.low_res_hw(emb)
     to_low = np.array([cw / w, ch / h])
     centre = np.array([[cx, cy]]) * to_low
@@ -101,7 +108,8 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
 
     logits, iou = predictor.decode(emb, boxes=np.array(boxes))
     low = (logits[:, 0, :ch, :cw] > 0).cpu().numpy()
-    cands = [(head, box) for _, head, box in _heads_with_boxes(low, centre, bg_low, to_low, h, w)]
+    found = _heads_with_boxes(low, centre, bg_low, to_low, h, w)
+    cands = [(head, box) for _, head, box in found]
     if not cands:
         return None
     logits2, iou2 = predictor.decode(emb, boxes=np.array([c[1] for c in cands]))
@@ -123,6 +131,8 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
         "decoder_iou": round(pred.score, 4),
         "localiser_decoder_dice": round(agreement(low2[best]), 4),
         "candidate_score": round(float(scores[best]), 4),
+        "skull_ring_support": None if ring is None else round(ring.support, 4),
+        "chosen_candidate": "skull_ring" if ring is not None and found[best][0] == len(boxes) - 1 else "localiser",
     }
     return pred
 

@@ -277,20 +277,20 @@ class SamPredictor:
             if len(fg) == 0:
                 raise PromptError("clicks without a box need at least one foreground point")
             if self.localiser is not None:  # the localiser's head that holds the click
-                pred = box_search.localised(self, emb, prompt)
+                pred = box_search.localised(self, emb, prompt, image)
                 if pred is not None and pred.mask.sum() >= 16:
                     return pred
             centre = fg.mean(axis=0)
             pred = box_search.search(self, emb, [tuple(centre)], prompt)
             pred.confidence = {"source": "box_search", "decoder_iou": round(pred.score, 4)}
             return pred
-        return self.predict_automatic(emb)
+        return self.predict_automatic(emb, image)
 
-    def predict_automatic(self, emb: ImageEmbedding) -> Prediction:
+    def predict_automatic(self, emb: ImageEmbedding, image: Optional[np.ndarray] = None) -> Prediction:
         """No prompt: the trained localiser when the model has one, else the trained automatic head, else the box
-        search."""
+        search. ``image`` (the frame ``emb`` encodes) lets the localiser add the skull ring's candidate."""
         if self.localiser is not None:
-            pred = box_search.localised(self, emb)
+            pred = box_search.localised(self, emb, image=image)
             if pred is not None and pred.mask.sum() >= 16:
                 if self.automatic_agreement:
                     other = box_search.search(self, emb, box_search.image_centres(*emb.original_hw), Prompt())
