@@ -32,6 +32,8 @@ def main() -> None:
     from fetal_head.segmentation.predictor import ImageEmbedding
 
     pred = ModelSource(model_dir=args.model_dir).load() if args.model_dir else SamPredictor.litemedsam()
+    pred.encoder_bf16 = False  # fp32 unless this script autocasts (the predictor's default may be bf16)
+    pred.refresh_encoder_key()
     cases = [c for c in read_cases(args.hc18) if c.split == "test"]
     test = load_test_images(cases, seed=0)[: args.limit or None]
     secs = {"fp32": [], "bf16": []}

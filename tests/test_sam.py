@@ -67,3 +67,18 @@ def test_encoder_weights_are_part_of_the_key(predictor, hc18):
     same = SamPredictor.litemedsam(cache_size=3)
     same.share_cache(predictor)
     assert same.embed(img) is e1  # same encoder (e.g. a decoder-only fine-tune): the embedding is reused
+
+
+def test_bf16_encoder_answers_like_fp32_under_its_own_cache_key(hc18):
+    """The bf16 encoder (the default where the CPU runs bf16 natively) must not change answers that matter, and its
+    embeddings must never be mixed with fp32 ones."""
+    fp32, bf16 = SamPredictor.litemedsam(encoder_bf16=False), SamPredictor.litemedsam(encoder_bf16=True)
+    assert fp32.encoder_key != bf16.encoder_key
+    for case in test_split(hc18, "test", 4, seed=5):
+        ref = case.load_mask()
+        rows, cols = np.nonzero(ref)
+        image = read_image(case.image_path)
+        box = Prompt(box=(cols.min() - 10, rows.min() - 10, cols.max() + 10, rows.max() + 10))
+        d32, d16 = dice(fp32.predict(image, box).mask, ref), dice(bf16.predict(image, box).mask, ref)
+        assert d16 > 0.85 and abs(d16 - d32) < 0.02, (case.image_id, d32, d16)
+        assert bf16.embed(image).features.dtype == fp32.embed(image).features.dtype

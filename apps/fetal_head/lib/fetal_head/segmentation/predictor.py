@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,6 +35,29 @@ logger = logging.getLogger(__name__)
 
 _IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
 _IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+
+
+ENCODER_BF16_ENV = "FETAL_HEAD_ENCODER_BF16"  # "0" / "1" overrides the CPU check below
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: where bf16 matrix products run natively (elsewhere autocast emulates them, slower)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_encoder_bf16(device: torch.device) -> bool:
+    """bf16 autocast for the image encoder on CPUs that run it natively: on the 157 HC18 test images it changed
+    box Dice by -0.03 points (fp32 95.46 %, bf16 95.43 %) and ran the encoder 1.6x faster
+    (scripts/bench_bf16_encoder.py). ``FETAL_HEAD_ENCODER_BF16=0`` keeps fp32."""
+    env = os.environ.get(ENCODER_BF16_ENV)
+    if env in ("0", "1"):
+        return env == "1"
+    return device.type == "cpu" and cpu_has_bf16()
 
 
 @dataclass
@@ -69,6 +93,7 @@ class SamPredictor:
         device: str = "cpu",
         cache_size: int = 16,
         version: str = "0",
+        encoder_bf16: Optional[bool] = None,
     ):
         if normalization not in ("minmax", "imagenet"):
             raise ValueError("normalization must be 'minmax' (LiteMedSAM) or 'imagenet' (Meta SAM)")
@@ -81,6 +106,8 @@ class SamPredictor:
         self.image_size = image_size
         self.normalization = normalization
         self.version = version
+        # None: on where the CPU runs bf16 natively (default_encoder_bf16); part of the embedding-cache key
+        self.encoder_bf16 = default_encoder_bf16(self.device) if encoder_bf16 is None else bool(encoder_bf16)
         self.refresh_encoder_key()
         self.cache_size = cache_size
         self._cache: "OrderedDict[tuple, ImageEmbedding]" = OrderedDict()
@@ -93,7 +120,8 @@ class SamPredictor:
 
     def refresh_encoder_key(self) -> None:
         """Recompute the embedding-cache key after the image encoder's weights changed (encoder fine-tuning)."""
-        self.encoder_key = weights_key(self.model.image_encoder, f"{self.image_size}:{self.normalization}")
+        precision = ":bf16" if self.encoder_bf16 else ""
+        self.encoder_key = weights_key(self.model.image_encoder, f"{self.image_size}:{self.normalization}{precision}")
 
     @property
     def automatic_decoder(self) -> Optional[nn.Module]:
@@ -157,8 +185,15 @@ class SamPredictor:
 
     @torch.inference_mode()
     def encode(self, images: Sequence[np.ndarray]) -> list:
-        """Image embeddings for a batch of frames, without touching the cache."""
-        return self.encode_with_grad(images)
+        """Image embeddings for a batch of frames, without touching the cache (float32 features, computed in bf16
+        when :attr:`encoder_bf16`)."""
+        if not self.encoder_bf16:
+            return self.encode_with_grad(images)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            out = self.encode_with_grad(images)
+        for emb in out:
+            emb.features = emb.features.float()
+        return out
 
     def encode_with_grad(self, images: Sequence[np.ndarray]) -> list:
         """:meth:`encode` without ``inference_mode``: encoder fine-tuning backpropagates through it."""
