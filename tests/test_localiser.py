@@ -128,3 +128,20 @@ def test_automatic_and_click_answers_come_from_the_localiser_with_confidence(pre
         assert np.mean(scores) > 0.7, scores
     finally:
         delattr(net, LOCALISER)
+
+
+def test_trainer_attaches_the_localiser_below_10_labels_and_says_why(predictor, hc18_subset, tmp_path):
+    """The few-label recipe: with fewer labels than a fair check needs, the trainer's localiser is trained on all of
+    them with the fixed schedule and attached, and its record gives the reason (no cross-validation run)."""
+    from fetal_head.segmentation import training as T
+
+    pool = [c for c in hc18_subset if c.split == "pool"]
+    items = T.label_items(pool[:: len(pool) // 3][:3], str(tmp_path))
+    cfg = T.TrainConfig(localiser=True, localiser_steps=20)
+    try:
+        record = T.fit_localiser(predictor, items, cfg, str(REPO / ".data" / "emb_cache"))
+        assert record["replaced"] and record["gate_passed"] is None and record["cv_automatic_dice"] is None
+        assert "too few for a fair check" in record["reason"], record
+        assert predictor.localiser is not None and int(predictor.localiser.trained_labels) == 3
+    finally:
+        delattr(predictor.model, LOCALISER)
