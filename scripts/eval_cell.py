@@ -1,70 +1,84 @@
-"""(Benchmark, used for docs/eval/automatic.) Resumable, incremental evaluation of one cell through fetal_head.evaluation.core (prompts: load_test_images over
-all 157 test cases in case order, seed 0, exactly as core/eval_automatic.py), one image at a time in a fixed random
-order (numpy default_rng(0) permutation), rows appended to <work>/inc/<tag>.jsonl.
-  python scripts/eval_cell.py MODEL_DIR TAG MODES...        evaluate a saved model
-  python scripts/eval_cell.py --localiser N TAG MODES...    load models/n{N}_s0 (the localiser-off cell's decoder), train the head localiser
-      on the same N labels exactly as training.fit_localiser does for its attached net (LocaliserConfig(steps=300,
-      seed=0) on localiser_samples; the gate's cross-validation is skipped: gate off, it does not change the net),
-      attach, save + reload (models/<TAG>), evaluate."""
-import json, os, sys, time
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(REPO, "apps", "fetal_head", "lib"))
-import numpy as np, torch
-torch.set_num_threads(1)
-from fetal_head.evaluation.core import evaluate, load_test_images, warm_embeddings
-from fetal_head.io.hc18 import read_cases
-from fetal_head.segmentation.embedding_cache import EmbeddingCache
-from fetal_head.segmentation.model_store import ModelSource, save_finetuned, FINETUNED_NAME
-from fetal_head.segmentation.models import LITEMEDSAM
-from fetal_head.segmentation.predictor import SamPredictor
-from fetal_head.segmentation import training as T
-from fetal_head.segmentation.localiser import LocaliserConfig, train_localiser
-from fetal_head.evaluation.benchmark import select_labels
+"""(Benchmark, used for docs/eval/automatic.) Score one saved model on the HC18 test split with
+``scripts/eval_automatic.py``'s own per-image, resumable loop (``eval_cell``): rows go to
+``<work>/inc/<TAG>.jsonl`` one image at a time, in a fixed random order, so a stopped run resumes and a partial file
+is a random subsample.
 
-W = os.path.join(REPO, ".data", "eval_automatic"); CACHE = os.path.join(REPO, ".data", "emb_cache")
-HC18 = os.environ.get("HC18_DIR", os.path.join(REPO, "..", "shared", "data", "hc18"))
-os.makedirs(os.path.join(W, "inc"), exist_ok=True)
-cases = read_cases(HC18)
-args = sys.argv[1:]
-if args[0] == "--localiser":
-    n, tag, modes = int(args[1]), args[2], args[3:]
-    model_dir = os.path.join(W, "models", tag)
-    if not os.path.isfile(os.path.join(model_dir, FINETUNED_NAME)):
-        t0 = time.time()
-        off_dir = os.path.join(W, "models", f"n{n}_s0")
-        pool = [c for c in cases if c.split == "pool" and (c.mask_path or c.annotation_path)]
-        items = T.label_items(select_labels(pool, n, 0), os.path.join(W, "labels"))
-        pred = ModelSource(model_dir=off_dir).load()
-        samples = T.localiser_samples(pred, items, CACHE)
-        net = train_localiser(samples, LocaliserConfig(steps=300, seed=0))
-        setattr(pred.model, T.LOCALISER, net.to(pred.device))
-        meta = json.load(open(os.path.join(off_dir, FINETUNED_NAME.replace(".pt", ".json"))))
-        meta["localiser"] = {"labels": len(samples), "steps": 300, "replaced": True, "reason": "gate off (CV skipped)",
-                             "seconds": round(time.time() - t0, 1)}
-        save_finetuned(pred.model, LITEMEDSAM, model_dir, meta)
-        print("localiser trained in", round(time.time() - t0, 1), "s", flush=True)
-else:
-    model_dir, tag, modes = args[0], args[1], args[2:]
-test_cases = [c for c in cases if c.split == "test"]
-holder = SamPredictor.litemedsam(version=LITEMEDSAM)
-test = load_test_images(test_cases, seed=0)
-warm_embeddings(holder, test, EmbeddingCache(CACHE, holder))
-tuned = ModelSource(model_dir=model_dir).load()
-if args[0] == "--localiser":
-    assert tuned.localiser is not None, "the localiser did not survive save/reload"
-tuned.share_cache(holder)
-tuned.automatic_agreement = False
-out = os.path.join(W, "inc", tag + ".jsonl")
-done = set()
-if os.path.isfile(out):
-    done = {json.loads(l)["image"] for l in open(out) if l.strip()}
-order = np.random.default_rng(0).permutation(len(test))
-for i in order:
-    t = test[i]
-    if t.case.image_id in done:
-        continue
+    python scripts/eval_cell.py MODEL_DIR TAG MODES...                 a saved model
+    python scripts/eval_cell.py --localiser N TAG MODES...             <work>/models/nN_s0 (a localiser-off cell's
+        decoder) plus a head localiser trained on the same N labels (LocaliserConfig(steps=300, seed=0), no gate),
+        saved and reloaded as <work>/models/TAG, then scored
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from eval_automatic import eval_cell  # noqa: E402  (also puts the app's lib on sys.path)
+
+from fetal_head.evaluation.benchmark import select_labels  # noqa: E402
+from fetal_head.evaluation.core import load_test_images, warm_embeddings  # noqa: E402
+from fetal_head.io.hc18 import read_cases  # noqa: E402
+from fetal_head.segmentation import training as T  # noqa: E402
+from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
+from fetal_head.segmentation.localiser import LocaliserConfig, train_localiser  # noqa: E402
+from fetal_head.segmentation.model_store import FINETUNED_NAME, ModelSource, save_finetuned  # noqa: E402
+from fetal_head.segmentation.models import LITEMEDSAM  # noqa: E402
+from fetal_head.segmentation.predictor import SamPredictor  # noqa: E402
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def add_localiser(cases, n: int, work: str, cache_dir: str, model_dir: str) -> None:
+    """``models/n{n}_s0``'s decoder plus a localiser trained on its N labels, saved to ``model_dir``."""
     t0 = time.time()
-    rows, _ = evaluate(tuned, [t], modes, desc=tag)
-    with open(out, "a") as f:
-        for r in rows:
-            f.write(json.dumps({**r, "seconds": round(time.time() - t0, 2)}, default=float) + "\n")
+    off_dir = os.path.join(work, "models", f"n{n}_s0")
+    pool = [c for c in cases if c.split == "pool" and (c.mask_path or c.annotation_path)]
+    items = T.label_items(select_labels(pool, n, 0), os.path.join(work, "labels"))
+    pred = ModelSource(model_dir=off_dir).load()
+    samples = T.localiser_samples(pred, items, cache_dir)
+    net = train_localiser(samples, LocaliserConfig(steps=300, seed=0))
+    setattr(pred.model, T.LOCALISER, net.to(pred.device))
+    with open(os.path.join(off_dir, FINETUNED_NAME.replace(".pt", ".json"))) as f:
+        meta = json.load(f)
+    meta["localiser"] = {"labels": len(samples), "steps": 300, "replaced": True, "reason": "gate off (CV skipped)",
+                         "seconds": round(time.time() - t0, 1)}
+    save_finetuned(pred.model, LITEMEDSAM, model_dir, meta)
+    print(f"localiser trained in {time.time() - t0:.1f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--localiser", type=int, metavar="N", help="train a localiser onto models/nN_s0 (see above)")
+    ap.add_argument("positional", nargs="+", metavar="[MODEL_DIR] TAG MODES", help="MODEL_DIR only without --localiser")
+    ap.add_argument("--work-dir", default=os.path.join(REPO, ".data", "eval_automatic"))
+    ap.add_argument("--cache-dir", default=os.path.join(REPO, ".data", "emb_cache"))
+    ap.add_argument("--hc18", default=os.environ.get("HC18_DIR", os.path.join(REPO, "..", "shared", "data", "hc18")))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    if args.localiser is None:
+        model_dir, tag, *modes = args.positional
+    else:
+        tag, *modes = args.positional
+        model_dir = os.path.join(args.work_dir, "models", tag)
+    if not modes:
+        ap.error("give at least one mode")
+    torch.set_num_threads(args.threads)
+
+    cases = read_cases(args.hc18)
+    if args.localiser is not None and not os.path.isfile(os.path.join(model_dir, FINETUNED_NAME)):
+        add_localiser(cases, args.localiser, args.work_dir, args.cache_dir, model_dir)
+    holder = SamPredictor.litemedsam(version=LITEMEDSAM)
+    cache = EmbeddingCache(args.cache_dir, holder)
+    test = load_test_images([c for c in cases if c.split == "test"], seed=0)
+    warm_embeddings(holder, test, cache)
+    os.makedirs(os.path.join(args.work_dir, "inc"), exist_ok=True)
+    eval_cell(model_dir, test, holder, modes, cache, os.path.join(args.work_dir, "inc", tag + ".jsonl"))
+
+
+if __name__ == "__main__":
+    main()
