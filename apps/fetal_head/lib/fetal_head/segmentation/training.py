@@ -713,40 +713,34 @@ def fit_localiser(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: 
     if not samples:
         record.update(replaced=False, reason="no real labels")
         return record
-    if len(samples) < cfg.min_labels_for_validation:
-        net = train_localiser(samples, lcfg)
-        setattr(predictor.model, LOCALISER, net.to(predictor.device))
-        record.update(cv_automatic_dice=None, gate_passed=None, replaced=True, reason=(
-            f"{len(samples)} labels (< {cfg.min_labels_for_validation}): too few for a fair check, the fixed recipe "
-            "attaches it"))
-        record["seconds"] = round(time.time() - t0, 1)
-        logger.info(f"localiser trained and attached: {record['reason']}")
-        return record
-    if len(samples) < 2:
-        cv: List[float] = []
+    if len(samples) < max(cfg.min_labels_for_validation, 2):
+        record.update(cv_automatic_dice=None, gate_passed=None)
+        attach = True
+        reason = (f"{len(samples)} labels (< {max(cfg.min_labels_for_validation, 2)}): too few for a fair check, the "
+                  "fixed recipe attaches it")
     else:
         cv = cross_validate_route(predictor, samples, lcfg, cfg.localiser_folds, cfg.localiser_cv_limit)
-    record["cv_automatic_dice"] = round(float(np.mean(cv)), 4) if cv else None
-    scored = samples[: cfg.localiser_cv_limit] if not cv else [samples[i] for i in np.random.default_rng(
-        lcfg.seed).permutation(len(samples))[: cfg.localiser_cv_limit]]
-    old = predictor.localiser
-    # what the model it started from answers on the same labels (its localiser saw some of them: a bias in its
-    # favour, so a replacement must clearly win)
-    record["baseline"] = "served localiser" if old is not None else "box search"
-    ref = [_route_dice(predictor, s, "localiser" if old is not None else "box_search") for s in scored]
-    record["baseline_automatic_dice"] = round(float(np.mean(ref)), 4)
-    record["gate_passed"] = not (cv and record["cv_automatic_dice"] <= record["baseline_automatic_dice"])
-    if not record["gate_passed"] and cfg.localiser_gate:
-        record.update(replaced=False, reason=(
-            f"cross-validated automatic Dice {record['cv_automatic_dice']:.4f} does not beat the {record['baseline']}'s "
-            f"{record['baseline_automatic_dice']:.4f} on {len(scored)} of the labels: kept the model's "
-            + ("localiser" if old is not None else "box search")))
-    else:
+        record["cv_automatic_dice"] = round(float(np.mean(cv)), 4) if cv else None
+        scored = [samples[i] for i in np.random.default_rng(lcfg.seed).permutation(len(samples))[: cfg.localiser_cv_limit]]
+        old = predictor.localiser
+        # what the model it started from answers on the same labels (its localiser saw some of them: a bias in its
+        # favour, so a replacement must clearly win)
+        record["baseline"] = "served localiser" if old is not None else "box search"
+        ref = [_route_dice(predictor, s, "localiser" if old is not None else "box_search") for s in scored]
+        record["baseline_automatic_dice"] = round(float(np.mean(ref)), 4)
+        record["gate_passed"] = not (cv and record["cv_automatic_dice"] <= record["baseline_automatic_dice"])
+        attach = record["gate_passed"] or not cfg.localiser_gate
+        if attach:
+            reason = (f"cross-validated automatic Dice {record['cv_automatic_dice']} vs the {record['baseline']}'s "
+                      f"{record['baseline_automatic_dice']:.4f}")
+        else:
+            reason = (f"cross-validated automatic Dice {record['cv_automatic_dice']:.4f} does not beat the "
+                      f"{record['baseline']}'s {record['baseline_automatic_dice']:.4f} on {len(scored)} of the labels: "
+                      "kept the model's " + ("localiser" if old is not None else "box search"))
+    if attach:
         net = train_localiser(samples, lcfg)
         setattr(predictor.model, LOCALISER, net.to(predictor.device))
-        record.update(replaced=True, reason=(
-            f"cross-validated automatic Dice {record['cv_automatic_dice']} vs the {record['baseline']}'s "
-            f"{record['baseline_automatic_dice']:.4f}" if cv else "one label: nothing to cross-validate, trained anyway"))
+    record.update(replaced=attach, reason=reason)
     record["seconds"] = round(time.time() - t0, 1)
     logger.info(f"localiser {'trained and attached' if record['replaced'] else 'NOT replaced'}: {record['reason']}")
     return record
