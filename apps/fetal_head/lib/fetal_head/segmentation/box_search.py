@@ -108,17 +108,16 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
 
     logits, iou = predictor.decode(emb, boxes=np.array(boxes))
     low = (logits[:, 0, :ch, :cw] > 0).cpu().numpy()
-    found = _heads_with_boxes(low, centre, bg_low, to_low, h, w)
-    cands = [(head, box) for _, head, box in found]
+    cands = _heads_with_boxes(low, centre, bg_low, to_low, h, w)  # (index in boxes, head, re-prompt box)
     if not cands:
         return None
-    logits2, iou2 = predictor.decode(emb, boxes=np.array([c[1] for c in cands]))
+    logits2, iou2 = predictor.decode(emb, boxes=np.array([c[2] for c in cands]))
     low2 = (logits2[:, 0, :ch, :cw] > 0).cpu().numpy()
 
     def agreement(mask: np.ndarray) -> float:  # soft Dice with the localiser's head probability
         return float(2 * (prob * mask).sum() / max(prob.sum() + mask.sum(), 1e-6))
 
-    scores = [float(iou2[i, 0]) * _dice(c[0], low2[i]) * ellipse_likeness(low2[i]) * agreement(low2[i]) ** LOCALISER_AGREEMENT_POWER
+    scores = [float(iou2[i, 0]) * _dice(c[1], low2[i]) * ellipse_likeness(low2[i]) * agreement(low2[i]) ** LOCALISER_AGREEMENT_POWER
               for i, c in enumerate(cands)]
     best = int(np.argmax(scores))
     pred = predictor.finish(emb, logits2[best : best + 1], iou2[best : best + 1])
@@ -132,7 +131,7 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
         "localiser_decoder_dice": round(agreement(low2[best]), 4),
         "candidate_score": round(float(scores[best]), 4),
         "skull_ring_support": None if ring is None else round(ring.support, 4),
-        "chosen_candidate": "skull_ring" if ring is not None and found[best][0] == len(boxes) - 1 else "localiser",
+        "chosen_candidate": "skull_ring" if ring is not None and cands[best][0] == len(boxes) - 1 else "localiser",
     }
     return pred
 

@@ -14,6 +14,7 @@ head localiser first (:mod:`.localiser`), else the trained automatic head, else 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -40,6 +41,7 @@ _IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
 ENCODER_BF16_ENV = "FETAL_HEAD_ENCODER_BF16"  # "0" / "1" overrides the CPU check below
 
 
+@functools.lru_cache(maxsize=None)  # read once per process: every model (re)load asks
 def cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX: where bf16 matrix products run natively (elsewhere autocast emulates them, slower)."""
     try:
