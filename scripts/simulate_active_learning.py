@@ -77,6 +77,11 @@ class Study:
             rng = np.random.default_rng(12345)
             test = [test[i] for i in sorted(rng.choice(len(test), args.test_n, replace=False))]
         self.test_cases = test
+        # automatic mode (the served box search, ~4 s per image on one core) on a fixed random subset spread over the
+        # test set; HC18 numbers images by gestational age, so the first N would be the smallest heads only
+        rng = np.random.default_rng(54321)
+        n_auto = min(args.auto_n, len(test))
+        self.auto_idx = sorted(rng.choice(len(test), n_auto, replace=False).tolist())
         self.by_id = {c.image_id: c for c in self.pool}
         self.work = args.work
         os.makedirs(os.path.join(self.work, "runs"), exist_ok=True)
@@ -88,7 +93,9 @@ class Study:
         self.cache = EmbeddingCache(args.cache, self.predictor)
         self._test = None
         self._feats = None
-        self.auto_at = {args.start} | ({args.max} if args.auto_max else set()) | {int(n) for n in args.auto_at.split(",") if n}
+        self.auto_at = ({args.start} | ({args.max} if args.auto_max else set())
+                        | {int(n) for n in args.auto_at.split(",") if n and n != "all"})
+        self.auto_all = args.auto_at == "all"
 
     # ---- data --------------------------------------------------------------------------------------------------
     @property
@@ -139,9 +146,9 @@ class Study:
     def evaluate(self, labelled, seed):
         """Test metrics of the model trained on ``labelled`` (memoised on disk by the label set and the recipe, so
         rounds shared by several strategies, like the initial one, are trained and evaluated once)."""
-        auto = len(labelled) in self.auto_at
+        auto = self.auto_all or len(labelled) in self.auto_at
         key = hashlib.blake2b(json.dumps([sorted(labelled), seed, self.args.epochs, [c.image_id for c in self.test_cases],
-                                          self.args.auto_n if auto else 0]).encode(), digest_size=10).hexdigest()
+                                          self.auto_idx if auto else 0]).encode(), digest_size=10).hexdigest()
         path = os.path.join(self.work, "evals", key + ".json")
         if os.path.isfile(path):
             with open(path) as f:
@@ -150,9 +157,9 @@ class Study:
         train_s = self.train(labelled, seed)
         t0 = time.time()
         rows, _ = evaluate(self.predictor, self.test, modes=("box",), desc="evaluate box", cache=self.cache)
-        if auto:  # the served automatic mode (full box search) costs ~15 s per image here: a smaller subset
-            rows += evaluate(self.predictor, self.test[: self.args.auto_n], modes=(AUTOMATIC,), desc="evaluate automatic",
-                             cache=self.cache)[0]
+        if auto:  # the served automatic mode (full box search) costs ~4 s per image on one core: a fixed subset
+            rows += evaluate(self.predictor, [self.test[i] for i in self.auto_idx], modes=(AUTOMATIC,),
+                             desc="evaluate automatic", cache=self.cache)[0]
         summary = summarize(rows)
         per_image = {m: [r["dice"] for r in rows if r["mode"] == m] for m in ("box", AUTOMATIC)}
         d = {"summary": summary, "per_image_dice": per_image, "train_s": round(train_s, 1),
@@ -238,11 +245,33 @@ class Study:
         return self.predictor.version == "al:" + hashlib.blake2b(",".join(sorted(labelled)).encode(), digest_size=8).hexdigest()
 
 
+def claim(work: str, strategy: str, seed: int) -> bool:
+    """Claim one (strategy, seed) run for this process, so that parallel processes (one thread each: 2 cores) split
+    the study between them; a claim whose process is gone is taken over (the run resumes from its file)."""
+    path = os.path.join(work, "runs", f"{strategy}_s{seed}.claim")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ProcessLookupError, ValueError):
+                os.remove(path)
+                continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 # ---- report ------------------------------------------------------------------------------------------------------
 def load_runs(work):
     runs = {}
     d = os.path.join(work, "runs")
-    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+    for name in sorted(n for n in os.listdir(d) if n.endswith(".json")) if os.path.isdir(d) else []:
         with open(os.path.join(d, name)) as f:
             r = json.load(f)
         runs.setdefault(r["strategy"], {})[r["seed"]] = r
@@ -285,8 +314,18 @@ def auc(cur, key, n_max):
     vals = []
     for s in seeds:
         ys = [cur[n][key][cur[n]["seeds"].index(s)] for n in ns]
-        vals.append(float(np.trapz(ys, ns) / (ns[-1] - ns[0])) if len(ns) > 1 else ys[0])
+        vals.append(float(getattr(np, "trapezoid", getattr(np, "trapz", None))(ys, ns) / (ns[-1] - ns[0])) if len(ns) > 1 else ys[0])
     return vals
+
+
+def paired_diff(cur, base, key, n):
+    """Per seed that both runs have at ``n`` labels: strategy minus ``base`` (the same seed starts from the same
+    labels and is scored on the same test images, so the difference is paired)."""
+    if n not in cur or n not in base:
+        return []
+    a = dict(zip(cur[n]["seeds"], cur[n][key])) if len(cur[n][key]) == len(cur[n]["seeds"]) else {}
+    b = dict(zip(base[n]["seeds"], base[n][key])) if len(base[n][key]) == len(base[n]["seeds"]) else {}
+    return [a[s] - b[s] for s in sorted(set(a) & set(b))]
 
 
 def report(args):
@@ -300,10 +339,12 @@ def report(args):
     out = args.out
     os.makedirs(out, exist_ok=True)
     colors = {"random": "k", "uncertainty": "tab:red", "diversity": "tab:blue", "hybrid": "tab:green"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, label in zip(axes, ("box_dice", "box_hc", "auto_dice"),
-                              (f"box Dice ({args.test_n or 157} test images)", "box HC abs. error (mm)",
-                               f"automatic Dice ({args.auto_n} test images)")):
+    n_test = args.test_n or 157
+    panels = (("auto_dice", f"automatic Dice ({args.auto_n} test images)"),
+              ("auto_hc", f"automatic HC abs. error, mm ({args.auto_n})"),
+              ("box_dice", f"box Dice ({n_test} test images)"), ("box_hc", f"box HC abs. error, mm ({n_test})"))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    for ax, (key, label) in zip(axes, panels):
         for s, c in cur.items():
             ns = [n for n in c if c[n][key]]
             mu = np.array([np.mean(c[n][key]) for n in ns])
@@ -321,16 +362,16 @@ def report(args):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for s, c in cur.items():
-        ns = list(c)
+        ns = [n for n in c if c[n]["auto_dice"]]
         eff = np.array([np.mean(c[n]["effort"]) for n in ns])
         esd = np.array([np.std(c[n]["effort"]) for n in ns])
         axes[0].plot(ns, eff, "-o", ms=3, color=colors.get(s), label=s)
         axes[0].fill_between(ns, eff - esd, eff + esd, color=colors.get(s), alpha=0.15)
-        axes[1].plot(eff, [np.mean(c[n]["box_dice"]) for n in ns], "-o", ms=3, color=colors.get(s), label=s)
+        axes[1].plot(eff, [np.mean(c[n]["auto_dice"]) for n in ns], "-o", ms=3, color=colors.get(s), label=s)
     axes[0].set_xlabel("labelled images")
     axes[0].set_ylabel("cumulative annotator effort")
     axes[1].set_xlabel("cumulative effort (per image: 0 accept, 1 box, 2 box + clicks)")
-    axes[1].set_ylabel("box Dice (test)")
+    axes[1].set_ylabel(f"automatic Dice ({args.auto_n} test images)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -338,30 +379,46 @@ def report(args):
     fig.savefig(os.path.join(out, "effort.png"), dpi=110)
     plt.close(fig)
 
-    marks = [n for n in (2, 5, 8, 11, 14, 20, 29, 50) if any(n in c for c in cur.values())]
-    lines = [f"Pool: the last {args.pool_n or 438} HC18 pool-split images by id; test: a fixed random {args.test_n or 157} "
-             f"of the 157 test-split images (box mode), automatic mode on {args.auto_n} of those at {args.start}"
-             f"{'' if not args.auto_max else f' and {args.max}'} labels; retrain: {args.epochs} epochs from zero-shot each round; uncertainty/hybrid score "
-             f"{args.candidates} random unlabelled candidates per round.",
-             "", "| strategy | seeds | labels | box Dice | box HC err (mm) | automatic Dice | cumulative effort |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    auto_rounds = "every round" if args.auto_at == "all" else f"{args.start}{'' if not args.auto_max else f' and {args.max}'} labels"
+    lines = [f"Pool: {'all 438' if not args.pool_n else f'the last {args.pool_n}'} HC18 pool-split images; test: "
+             f"{'all 157' if not args.test_n else f'a fixed random {args.test_n} of the 157'} test-split images in box mode "
+             f"(GT box jittered 0-20 px), automatic mode (the served box search) on a fixed random {args.auto_n} of them at "
+             f"{auto_rounds}; start {args.start} random labels, +{args.step} per round; retrain {args.epochs} epochs from "
+             f"zero-shot each round (decoder only, batch 4); uncertainty/hybrid score {args.candidates} random unlabelled "
+             "candidates per round. Mean ± sd over seeds.",
+             "", "| strategy | seeds | labels | automatic Dice | automatic HC err (mm) | box Dice | box HC err (mm) | cumulative effort |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s, c in cur.items():
-        for n in marks:
-            if n in c:
-                e = c[n]
-                lines.append(f"| {s} | {len(e['seeds'])} | {n} | {ms(e['box_dice'], 4)} | {ms(e['box_hc'], 2)} | "
-                             f"{ms(e['auto_dice'], 4)} | {ms(e['effort'], 1)} |")
+        for n in c:
+            e = c[n]
+            lines.append(f"| {s} | {len(e['seeds'])} | {n} | {ms(e['auto_dice'], 4)} | {ms(e['auto_hc'], 2)} | "
+                         f"{ms(e['box_dice'], 4)} | {ms(e['box_hc'], 2)} | {ms(e['effort'], 1)} |")
     n_max = min(max(c) for c in cur.values()) if cur else 0
-    lines += ["", f"Area under the box-Dice curve, labels {args.start}-{n_max} (the curve's mean over that range):",
-              "", "| strategy | AUC box Dice |", "| --- | --- |"]
-    for s, c in cur.items():
-        lines.append(f"| {s} | {ms(auc(c, 'box_dice', n_max), 4)} |")
-    if "random" in cur and n_max in cur["random"]:
-        target = float(np.mean(cur["random"][n_max]["box_dice"]))
-        lines += ["", f"Labels and cumulative effort to reach random's {n_max}-label box Dice ({target:.4f}) on the mean "
-                  "curve:", "", "| strategy | labels | effort |", "| --- | --- | --- |"]
+    if "random" in cur:
+        marks = [n for n in (5, 11, 20) if n in cur["random"]]
+        lines += ["", "Difference from random, paired by seed (same initial labels, same test images), in Dice points "
+                  "(mean ± sd over seeds; + is better than random):", "",
+                  "| strategy | labels | automatic Dice − random | box Dice − random | effort − random |",
+                  "| --- | --- | --- | --- | --- |"]
         for s, c in cur.items():
-            hit = next((n for n in c if np.mean(c[n]["box_dice"]) >= target), None)
+            if s == "random":
+                continue
+            for n in marks:
+                da = [100 * v for v in paired_diff(c, cur["random"], "auto_dice", n)]
+                db = [100 * v for v in paired_diff(c, cur["random"], "box_dice", n)]
+                de = paired_diff(c, cur["random"], "effort", n)
+                if db:
+                    lines.append(f"| {s} | {n} | {ms(da, 2)} ({len(da)}) | {ms(db, 2)} ({len(db)}) | {ms(de, 1)} |")
+    lines += ["", f"Area under the curve, labels {args.start}-{n_max} (the curve's mean over that range; mean ± sd over seeds):",
+              "", "| strategy | AUC automatic Dice | AUC box Dice |", "| --- | --- | --- |"]
+    for s, c in cur.items():
+        lines.append(f"| {s} | {ms(auc(c, 'auto_dice', n_max), 4)} | {ms(auc(c, 'box_dice', n_max), 4)} |")
+    if "random" in cur and n_max in cur["random"] and cur["random"][n_max]["auto_dice"]:
+        target = float(np.mean(cur["random"][n_max]["auto_dice"]))
+        lines += ["", f"Labels and cumulative effort to reach random's {n_max}-label automatic Dice ({target:.4f}) on the "
+                  "mean curve (aim: ≤ 12 labels and less effort):", "", "| strategy | labels | effort |", "| --- | --- | --- |"]
+        for s, c in cur.items():
+            hit = next((n for n in c if c[n]["auto_dice"] and np.mean(c[n]["auto_dice"]) >= target), None)
             lines.append(f"| {s} | {hit if hit is not None else f'not reached by {max(c)}'} | "
                          + (f"{np.mean(c[hit]['effort']):.1f}" if hit is not None else "–") + " |")
     with open(os.path.join(out, "summary.md"), "w") as f:
@@ -381,14 +438,15 @@ def main():
     p.add_argument("--start", type=int, default=2)
     p.add_argument("--step", type=int, default=3)
     p.add_argument("--max", type=int, default=20)
-    p.add_argument("--test-n", type=int, default=20, help="fixed random subset of the test split (0: all 157)")
-    p.add_argument("--auto-n", type=int, default=10, help="automatic mode on the first this many of those")
-    p.add_argument("--auto-at", default="", help="label counts (besides start and max) with an automatic evaluation")
+    p.add_argument("--test-n", type=int, default=0, help="fixed random subset of the test split (0: all 157)")
+    p.add_argument("--auto-n", type=int, default=32, help="automatic mode on a fixed random subset of this many of those")
+    p.add_argument("--auto-at", default="all",
+                   help="label counts (besides start and max) with an automatic evaluation, or 'all' (every round)")
     p.add_argument("--no-auto-max", dest="auto_max", action="store_false", help="no automatic evaluation at --max")
-    p.add_argument("--pool-n", type=int, default=200, help="the last this many pool images by id (0: all 438)")
-    p.add_argument("--candidates", type=int, default=10)
+    p.add_argument("--pool-n", type=int, default=0, help="the last this many pool images by id (0: all 438)")
+    p.add_argument("--candidates", type=int, default=20)
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -399,6 +457,8 @@ def main():
         study.features()  # every strategy's pool embeddings exist before any run (diversity needs them all)
         for seed in [int(s) for s in args.seeds.split(",")]:
             for strategy in args.strategies.split(","):
+                if not claim(args.work, strategy, seed):
+                    continue  # another process of this study runs it (several may share one --work)
                 t0 = time.time()
                 study.run(strategy, seed)
                 logger.info(f"done {strategy} seed {seed} in {time.time() - t0:.0f} s")

@@ -16,10 +16,11 @@ from PIL import Image
 
 from conftest import Server, dice, make_app_copy, test_split
 
-N_LABELLED = 10  # pool-split images with final labels (training data)
+N_LABELLED = 8  # pool-split images with final labels (training data): the few-label recipe (< 10: no validation)
 N_TEST = 20  # test-split images without labels (evaluation)
 N_AUTO = 8  # of those, evaluated automatic too (the zero-shot box search costs ~1-10 s per image on 2 busy cores)
-TRAIN_OPTIONS = {"max_epochs": 10, "train_batch_size": 2, "learning_rate": 1e-4, "val_split": 0.2, "seed": 0}
+TRAIN_OPTIONS = {"max_epochs": 10, "train_batch_size": 2, "learning_rate": 1e-4, "val_split": 0.2, "seed": 0,
+                 "localiser": True}
 
 
 # ---- prompt sampling (no server) -------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def server(tmp_path_factory, hc18):
 
     tmp = tmp_path_factory.mktemp("train")
     studies = tmp / "studies"
-    labelled = test_split(hc18, "pool", N_LABELLED, seed=2)
+    labelled = test_split(hc18, "pool", N_LABELLED, seed=3)
     test_cases = test_split(hc18, "test", N_TEST, seed=3)
     import_cases(labelled, str(studies), with_labels=True)
     import_cases(test_cases, str(studies), with_labels=False)
@@ -212,14 +213,15 @@ def test_training_improves_box_dice_and_is_served_without_restart(server):
           f"automatic ({N_AUTO} images) {zero_auto:.4f} -> {tuned_auto:.4f} "
           f"(train {train_s:.0f} s on {len(meta['labels_used'])} labels, best epochs {meta['best_epochs']}, "
           f"val {meta['metrics']})")
-    assert len(meta["labels_used"]) + len(meta["validation_images"]) == N_LABELLED
-    # the automatic head trains by default; with 2 validation images it cannot be trusted over the box search,
-    # so it is not served (a head kept on 2 images scored 0.53 vs the box search's 0.69 here before that rule)
-    assert meta["automatic"] is None and "automatic_decoder" not in meta["best_epochs"]
+    # the few-label recipe: nothing held out, a fixed schedule, the localiser attached without a (biased) check
+    assert len(meta["labels_used"]) == N_LABELLED and not meta["validation_images"]
+    assert meta["localiser"]["replaced"] and meta["localiser"]["labels"] == N_LABELLED
+    # without a validation set the automatic head cannot be trusted over the localiser / box search: not served
+    assert meta["automatic"] is None
     assert tuned_dice > zero_dice
-    # automatic is then the box search with the fine-tuned decoder: it still finds the head (on 157 images
-    # 80-82 % vs 83 % zero-shot, README); 8 images are too few to compare the two
-    assert tuned_auto > 0.5
+    # Slicer's Auto Segmentation ({} to fetal_head_auto) on held-out images: the localiser trained on 8 labels finds
+    # the head better than the zero-shot box search
+    assert tuned_auto > zero_auto + 0.02
 
 
 def test_killed_training_leaves_model_and_datastore_untouched(server):

@@ -35,7 +35,6 @@ REFINE_TOP_K = 3  # the decoder costs ~40 ms per box on 2 CPU cores: re-prompt o
 # The box decoder was fine-tuned on boxes 0-20 px outside the head and under-segments tight ones.
 AUTOMATIC_MARGIN_PX = 10.0  # at the image's own resolution, the mean of the training jitter
 AUTOMATIC_REFINE = 1
-LOCALISER_AGREEMENT_POWER = 0.0  # weight of the localiser's map in the candidate score
 
 
 def image_centres(height: int, width: int) -> Sequence[Tuple[float, float]]:
@@ -78,8 +77,8 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     1.7x the true one, and the box decoder fed that box scored 0.70-0.74 Dice). So: candidate boxes of several
     sizes (plus the localiser's own box) centred on the localiser's head (or the foreground click) are decoded in
     one batch, each candidate's component holding the centre is re-prompted with its own box plus a margin, and
-    the answer that is confident (predicted IoU), stable under that re-prompt, ellipse-shaped and agrees with the
-    localiser's soft head map wins. With the ``image``, the skull ring around that centre (:mod:`.skull_ring`)
+    the answer that is confident (predicted IoU), stable under that re-prompt and ellipse-shaped wins (its agreement
+    with the localiser's soft head map is reported in ``confidence``). With the ``image``, the skull ring around that centre (:mod:`.skull_ring`)
     adds one more candidate box. None when the localiser finds no head (or none holding the click)."""
     from .localiser import localise
     from .skull_ring import skull_ring
@@ -117,8 +116,8 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     def agreement(mask: np.ndarray) -> float:  # soft Dice with the localiser's head probability
         return float(2 * (prob * mask).sum() / max(prob.sum() + mask.sum(), 1e-6))
 
-    scores = [float(iou2[i, 0]) * _dice(c[1], low2[i]) * ellipse_likeness(low2[i]) * agreement(low2[i]) ** LOCALISER_AGREEMENT_POWER
-              for i, c in enumerate(cands)]
+    # the localiser's map is reported (confidence), not scored: weighting candidates by it did not help on the pool
+    scores = [float(iou2[i, 0]) * _dice(c[1], low2[i]) * ellipse_likeness(low2[i]) for i, c in enumerate(cands)]
     best = int(np.argmax(scores))
     pred = predictor.finish(emb, logits2[best : best + 1], iou2[best : best + 1])
     pred.confidence = {

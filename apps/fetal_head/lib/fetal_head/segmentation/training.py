@@ -35,7 +35,7 @@ Design decisions:
 - The few-label recipe: with fewer than ``min_labels_for_validation`` (10) labels nothing is held out (a
   validation set of one or two images picks epochs by noise: a 5-label run once served epoch 1 of 10, chosen on one
   image): every label trains, the schedule is fixed (``max_epochs``, the last epoch is served) and no automatic
-  head is kept (it would be unvalidated). From 10 labels on, ``val_split`` of them validate as before.
+  head is trained (it would be unvalidated, so never served). From 10 labels on, ``val_split`` of them validate as before.
 - The head localiser (:mod:`.localiser`, ``localiser=True``): trained after the decoders on every label's cached
   embedding (train and validation labels: it has its own fixed schedule), cross-validated on those labels
   (``localiser_folds`` folds; the held-out automatic Dice of the whole localiser route with the new box decoder, at
@@ -56,7 +56,7 @@ import random
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -626,6 +626,14 @@ def finetune(
         f"training on {len(train_items)} images ({sum(i.synthetic for i in train_items)} synthetic), "
         f"validating on {len(val_items)}, {cfg.world_size} process(es), encoder {cfg.train_encoder}"
     )
+    if cfg.automatic_head and not val_items:
+        # the few-label recipe holds nothing out, and an unvalidated automatic head is never served
+        # (keep_automatic_head): training one would only cost time; automatic requests get the localiser / box search
+        logger.info("automatic head not trained: no validation images (it is served only when it validates better "
+                    f"than the box search on at least {MIN_VAL_IMAGES_FOR_HEAD})")
+        cfg = replace(cfg, automatic_head=False)
+        if getattr(predictor.model, AUTOMATIC_DECODER, None) is not None:
+            delattr(predictor.model, AUTOMATIC_DECODER)
     # a trained encoder makes cached embeddings useless: the frames are encoded at every step instead
     cache = EmbeddingCache(cache_dir, predictor) if cfg.train_encoder == "frozen" else None
     t0 = time.time()
