@@ -29,7 +29,7 @@ with fewer labels, or less annotator effort, than random?
 - Results per round go to ``<work>/runs/<strategy>_s<seed>.json`` as they finish (an interrupted run resumes);
   ``--report-only`` writes the figures from whatever has finished: ``docs/active_learning/`` gets
   ``learning_curves.png`` (automatic and box Dice and HC error vs labels, mean +- sd over seeds), ``effort.png``
-  (cumulative effort vs labels, and automatic Dice vs effort), ``summary.md`` (every round, the paired difference
+  (cumulative effort vs labels, and box Dice vs effort), ``summary.md`` (every round, the paired difference
   from random at 5/11/20 labels, AUC, labels and effort to reach random's last-round Dice), ``results.json``.
 """
 
@@ -374,11 +374,11 @@ def report(args):
         esd = np.array([np.std(c[n]["effort"]) for n in ns])
         axes[0].plot(ns, eff, "-o", ms=3, color=colors.get(s), label=s)
         axes[0].fill_between(ns, eff - esd, eff + esd, color=colors.get(s), alpha=0.15)
-        axes[1].plot(eff, [np.mean(c[n]["auto_dice"]) for n in ns], "-o", ms=3, color=colors.get(s), label=s)
+        axes[1].plot(eff, [np.mean(c[n]["box_dice"]) for n in ns], "-o", ms=3, color=colors.get(s), label=s)
     axes[0].set_xlabel("labelled images")
     axes[0].set_ylabel("cumulative annotator effort")
     axes[1].set_xlabel("cumulative effort (per image: 0 accept, 1 box, 2 box + clicks)")
-    axes[1].set_ylabel(f"automatic Dice ({args.auto_n} test images)")
+    axes[1].set_ylabel(f"box Dice ({n_test} test images)")  # automatic Dice barely moves with labels (summary.md)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -400,7 +400,8 @@ def report(args):
             e = c[n]
             lines.append(f"| {s} | {len(e['seeds'])} | {n} | {ms(e['auto_dice'], 4)} | {ms(e['auto_hc'], 2)} | "
                          f"{ms(e['box_dice'], 4)} | {ms(e['box_hc'], 2)} | {ms(e['effort'], 1)} |")
-    n_max = min(max(c) for c in cur.values()) if cur else 0
+    # the study's last round (random's): strategies still running are reported over the rounds they have
+    n_max = max(cur["random"]) if "random" in cur else (min(max(c) for c in cur.values()) if cur else 0)
     if "random" in cur:
         marks = [n for n in (5, 11, 20) if n in cur["random"]]
         lines += ["", "Difference from random, paired by seed (same initial labels, same test images), in Dice points "
@@ -416,10 +417,13 @@ def report(args):
                 de = paired_diff(c, cur["random"], "effort", n)
                 if db:
                     lines.append(f"| {s} | {n} | {ms(da, 2)} ({len(da)}) | {ms(db, 2)} ({len(db)}) | {ms(de, 1)} |")
-    lines += ["", f"Area under the curve, labels {args.start}-{n_max} (the curve's mean over that range; mean ± sd over seeds):",
-              "", "| strategy | AUC automatic Dice | AUC box Dice |", "| --- | --- | --- |"]
+    lines += ["", f"Area under the curve, labels {args.start}-{n_max} (the curve's mean over that range; mean ± sd over the "
+              "seeds that reached it):", "", "| strategy | AUC automatic Dice | AUC box Dice | seeds |", "| --- | --- | --- | --- |"]
     for s, c in cur.items():
-        lines.append(f"| {s} | {ms(auc(c, 'auto_dice', n_max), 4)} | {ms(auc(c, 'box_dice', n_max), 4)} |")
+        a_auto, a_box = auc(c, "auto_dice", n_max), auc(c, "box_dice", n_max)
+        full = n_max in c and len(a_box) == len(c[n_max]["seeds"])
+        lines.append(f"| {s} | {ms(a_auto, 4) if full else '–'} | {ms(a_box, 4) if full else '–'} | "
+                     f"{len(c[n_max]['seeds']) if n_max in c else 0} |")
     for key, name in (("auto_dice", "automatic"), ("box_dice", "box")):
         if "random" not in cur or n_max not in cur["random"] or not cur["random"][n_max][key]:
             continue
