@@ -376,6 +376,7 @@ def report(args):
         axes[0].fill_between(ns, eff - esd, eff + esd, color=colors.get(s), alpha=0.15)
         axes[1].plot(eff, [np.mean(c[n]["box_dice"]) for n in ns], "-o", ms=3, color=colors.get(s), label=s)
     axes[0].set_xlabel("labelled images")
+    axes[0].set_xticks(sorted({n for c in cur.values() for n in c}))
     axes[0].set_ylabel("cumulative annotator effort")
     axes[1].set_xlabel("cumulative effort (per image: 0 accept, 1 box, 2 box + clicks)")
     axes[1].set_ylabel(f"box Dice ({n_test} test images)")  # automatic Dice barely moves with labels (summary.md)
