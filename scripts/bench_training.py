@@ -56,7 +56,7 @@ def main():
     images = [read_image(c.image_path) for c in cases]
     masks = [c.load_mask() for c in cases]
     predictor = ModelSource(model_dir=tempfile.mkdtemp()).load()
-    cfg = TrainConfig(automatic_head=False)  # times the box decoder's step, as before the automatic head
+    cfg = TrainConfig(automatic_head=False, localiser=False)  # times the box decoder's step, as before the automatic head
     params = prepare_trainable(predictor, cfg)["mask_decoder"].parameters()
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
     loss_fn = DiceCELoss(sigmoid=True)

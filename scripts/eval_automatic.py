@@ -9,8 +9,10 @@ finished cells are kept in ``--work-dir`` and reused (delete it to rerun). Embed
 (``--cache-dir``), so only uncached images are encoded.
 
 ``--new-site``: the coarsest-pixel-size third of HC18 (pool and test, largest mm per pixel: the small heads of
-early pregnancy, imaged zoomed out) is the "new site": the base labels come from the rest of the pool only, the
-site's own labels (5, 10) from its pool part, and scoring is on its test part.
+early pregnancy, imaged zoomed out) is the "new site". Scoring is on its test part only. "Before" is the app as it
+ships (zero-shot); "after" fine-tunes the shipped model on 5 / 10 of the site's own pool labels (``--site-n``), the
+way a site that installs the app and labels a handful of its images retrains it. ``--base-n N`` instead starts
+from a model first trained on N labels of the other two thirds (an app trained elsewhere), scored as well.
 
 Automatic answers are scored with ``automatic_agreement`` off: that only adds the box search's Dice to the
 answer's confidence and never changes the mask.
@@ -81,7 +83,8 @@ def trained_cell(work, tag):
 def eval_cell(model_dir, test, holder, modes, cache, inc_path):
     """Rows of every test image, one image at a time in a fixed random order (``default_rng(0)``), each image's rows
     appended to ``inc_path`` (JSON lines) as soon as they are scored: a stopped run resumes there, and a partial
-    file is a random subsample of the test set (on this 2-core CPU the automatic mode costs ~25 s an image)."""
+    file is a random subsample of the test set (on this 2-core CPU the automatic mode costs ~25 s an image). A mode
+    whose rows were deleted from the file is scored again (how a changed click route was rescored)."""
     tuned = ModelSource(model_dir=model_dir).load() if model_dir else SamPredictor.litemedsam(version=LITEMEDSAM)
     tuned.share_cache(holder)
     tuned.cache_size = holder.cache_size  # it shares the holder's LRU: do not let it trim the warmed embeddings
@@ -96,12 +99,14 @@ def eval_cell(model_dir, test, holder, modes, cache, inc_path):
     rows = []
     for i in tqdm(np.random.default_rng(0).permutation(len(test)), desc="evaluate", unit="image", mininterval=30):
         t = test[i]
-        if t.case.image_id not in done:
-            got, _ = evaluate(tuned, [t], modes, desc=t.case.image_id)
+        have = done.setdefault(t.case.image_id, [])
+        missing = [m for m in modes if m not in {r["mode"] for r in have}]  # rows deleted from the file: rescored
+        if missing:
+            got, _ = evaluate(tuned, [t], missing, desc=t.case.image_id)
             with open(inc_path, "a") as f:
                 f.writelines(json.dumps(r, default=float) + "\n" for r in got)
-            done[t.case.image_id] = got
-        rows += done[t.case.image_id]
+            have += got
+        rows += [r for r in have if r["mode"] in modes]
     return rows
 
 
@@ -133,10 +138,13 @@ def run(args):
     plan = []  # (tag, n, seed, kind)
     suffix = ("_loc" + ("_nogate" if args.no_gate else "")) if args.localiser else ""
     if args.new_site:
+        plan.append(("site_zero-shot", 0, 0, "zero"))
         for seed in args.seeds:
-            plan.append((f"site_base_n{args.base_n}_s{seed}", args.base_n, seed, "base"))
+            base = f"site_base_n{args.base_n}_s{seed}{suffix}" if args.base_n else None
+            if base:
+                plan.append((base, args.base_n, seed, "base"))
             for k in args.site_n:
-                plan.append((f"site_base_n{args.base_n}+site{k}_s{seed}", k, seed, "site"))
+                plan.append(((base + "+" if base else "") + f"site{k}_s{seed}{suffix}", k, seed, "site:" + (base or "")))
     else:
         if args.zero_shot:
             plan.append(("zero-shot", 0, 0, "zero"))
@@ -158,10 +166,10 @@ def run(args):
         if kind == "real":
             model_dir, info = trained_cell(work, tag) or train_cell(pool, n, seed, args, work, tag)
         elif kind == "base":
-            model_dir, info = train_cell(pool, n, seed, args, work, tag)
-        elif kind == "site":
-            base_dir = os.path.join(work, "models", f"site_base_n{args.base_n}_s{seed}")
-            model_dir, info = train_cell(site_pool, n, seed, args, work, tag, base_dir=base_dir)
+            model_dir, info = trained_cell(work, tag) or train_cell(pool, n, seed, args, work, tag)
+        elif kind.startswith("site:"):
+            base_dir = os.path.join(work, "models", kind[5:]) if kind[5:] else None  # None: the shipped model
+            model_dir, info = trained_cell(work, tag) or train_cell(site_pool, n, seed, args, work, tag, base_dir)
         os.makedirs(os.path.join(work, "inc"), exist_ok=True)
         rows = eval_cell(model_dir, test, holder, args.modes, cache, os.path.join(work, "inc", tag + ".jsonl"))
         rec = {"tag": tag, "n": n, "seed": seed, "kind": kind, "rows": rows, "info": info,
@@ -179,7 +187,13 @@ def run(args):
             if rec["kind"] == "real":
                 results.append(rec)
         results.sort(key=lambda r: (r["n"], r["seed"], r["tag"]))
-    write_report(results, args, len(test))
+    site = None
+    if args.new_site:
+        site = (f"New site = the images with pixel size > {cut:.3f} mm (the coarsest third of HC18, 2/3 quantile over "
+                f"all {len(cases)} images): {len(site_pool)} pool images (its labels are drawn from these), "
+                f"{len(site_test)} test images (scored); the other two thirds' pool ({len(pool)} images) only feeds "
+                "`--base-n`.")
+    write_report(results, args, len(test), site)
 
 
 def headline(results):
@@ -200,18 +214,19 @@ def headline(results):
         auto, click = s.get("automatic"), s.get("click")
         low = sum(r["dice"] < 0.8 for r in rec["rows"] if r["mode"] == "automatic")
         f = lambda m: f"{100 * m['dice']:.2f}" if m else "-"
-        lines.append(f"| {rec['n']} | {'on (gate off)' if loc and loc.get('replaced') else 'off'} | {f(box)}{box_note} | "
+        lines.append(f"| {rec['n']} | {'on' if loc and loc.get('replaced') else 'off'} | {f(box)}{box_note} | "
                      f"{f(auto)} | {low if auto else '-'} | {auto['hc_abs_diff_mm']:.2f} | {f(click)} | {auto['images']} | "
                      f"{rec['tag']} |" if auto else f"| {rec['n']} | ? | {f(box)} | - | - | - | {f(click)} | {rec['tag']} | |")
     return lines
 
 
-def write_report(results, args, n_test):
+def write_report(results, args, n_test, site=None):
     out = args.out
     os.makedirs(out, exist_ok=True)
     lines = [f"# Automatic mode from few labels ({'new-site simulation' if args.new_site else 'HC18 test split'})", "",
              f"{n_test} test images at full resolution, scored by `fetal_head.evaluation.core` (Dice, HD95, HC "
              "absolute difference; failures kept in the means). Labels: `select_labels(pool, N, seed)`.", "",
+             *([site, ""] if site else []),
              *headline(results), "",
              "Commands (per cell):", "", *sorted({f"- `{r.get('command', '?')}`" for r in results}), "",
              "| cell | N | seed | mode | Dice % | HD95 mm | HC abs diff mm | Dice < 0.80 | failures | localiser gate (CV automatic Dice vs baseline) |",
@@ -266,7 +281,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-site", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the cells in --work-dir")
-    ap.add_argument("--base-n", type=int, default=20)
+    ap.add_argument("--base-n", type=int, default=0, help="new site: first train on N labels of the other sites")
     ap.add_argument("--site-n", type=int, nargs="+", default=[5, 10])
     run(ap.parse_args())
 

@@ -154,11 +154,11 @@ def decoder_rate(hc18, dev, steps, tmp) -> float:
     cache = str(REPO / ".data" / "emb_cache")
     # epochs of ceil(5 train images / batch 4) = 2 steps; the first epoch also fills the embedding cache
     warm = SamPredictor.litemedsam(device=dev)
-    finetune(warm, items, TrainConfig(max_epochs=1, train_batch_size=4, val_split=0.17), cache)
+    finetune(warm, items, TrainConfig(max_epochs=1, train_batch_size=4, val_split=0.17, localiser=False), cache)
     epochs = max(1, steps // 2)
     pred = SamPredictor.litemedsam(device=dev)
     t0 = time.perf_counter()
-    finetune(pred, items, TrainConfig(max_epochs=epochs, train_batch_size=4, val_split=0.17), cache)
+    finetune(pred, items, TrainConfig(max_epochs=epochs, train_batch_size=4, val_split=0.17, localiser=False), cache)
     return epochs * 2 / (time.perf_counter() - t0)
 
 

@@ -80,7 +80,8 @@ def test_ddp_over_two_gloo_processes_trains_on_disjoint_shards_and_serves(hc18, 
     items = labelled_items(test_split(hc18, "pool", 5, seed=4), tmp_path / "labels")
     predictor = SamPredictor.litemedsam()
     # validation with 5 labels (below the few-label rule's 10) so that rank 0's validation path runs too
-    cfg = TrainConfig(max_epochs=1, train_batch_size=2, val_split=0.2, world_size=2, seed=0, min_labels_for_validation=2)
+    cfg = TrainConfig(max_epochs=1, train_batch_size=2, val_split=0.2, world_size=2, seed=0, min_labels_for_validation=2,
+                      localiser=False)  # DDP of the decoders; the localiser is trained after them, in one process
     summary = finetune(predictor, items, cfg, str(tmp_path / "cache"))
     assert len(summary["train_images"]) == 4 and len(summary["val_images"]) == 1
     rank0, rank1 = summary["last_epoch_shards"]
@@ -108,7 +109,7 @@ def test_encoder_adaptation_trains_saves_and_serves_with_its_own_embeddings(hc18
     predictor = SamPredictor.litemedsam()
     base_key = predictor.encoder_key
     base_encoder = {k: v.clone() for k, v in predictor.model.image_encoder.state_dict().items()}
-    cfg = TrainConfig(max_epochs=1, train_batch_size=2, val_split=0.0, train_encoder=mode, seed=0)
+    cfg = TrainConfig(max_epochs=1, train_batch_size=2, val_split=0.0, train_encoder=mode, seed=0, localiser=False)
     summary = finetune(predictor, items, cfg, str(tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()  # the encoder changes: nothing is cached
     assert "image_encoder" in summary["trained"] and np.isfinite(summary["history"][0]["loss"])

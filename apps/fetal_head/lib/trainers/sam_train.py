@@ -11,7 +11,7 @@ Request options (MONAI Label names where they exist): ``max_epochs``, ``train_ba
 ``multi_gpu``, ``gpus`` (data-parallel over those GPUs, DDP, as MONAI Label's BasicTrainTask: one process per
 GPU through ``torch.multiprocessing.spawn``); and ``learning_rate``, ``max_real_labels`` (0 = all),
 ``synthetic_share``, ``train_encoder`` ("frozen", "lora", "full"), ``automatic_head`` (old name
-``prompt_free_head``), ``localiser`` (opt-in head localiser), ``flip``, ``seed``, ``world_size`` (DDP processes
+``prompt_free_head``), ``localiser`` (the head localiser, default on), ``flip``, ``seed``, ``world_size`` (DDP processes
 without GPUs: gloo on CPU). Every option is parsed and range-checked by ``lib.trainers.options`` before a job starts.
 """
 

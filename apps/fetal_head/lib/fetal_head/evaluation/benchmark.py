@@ -326,7 +326,8 @@ class Benchmark:
         steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
         epochs = int(np.clip(math.ceil(cfg.train_steps / steps_per_epoch), cfg.min_epochs, cfg.max_epochs))
         tcfg = TrainConfig(max_epochs=epochs, train_batch_size=cfg.batch_size, val_split=val_split,
-                           learning_rate=cfg.learning_rate, synthetic_share=share, seed=seed)
+                           learning_rate=cfg.learning_rate, synthetic_share=share, seed=seed,
+                           localiser=False)  # a box-Dice benchmark: the localiser only answers automatic/click requests
         t1 = time.time()
         summary = finetune(predictor, items, tcfg, self.cache_dir)
         info.update({"epochs": epochs, "steps": epochs * steps_per_epoch, "best_epoch": summary["best_epoch"],
