@@ -179,14 +179,14 @@ def run(args):
             json.dump(rec, f, default=float)
         logging.info(f"{tag}: {json.dumps(rec['summary'])}")
         results.append(rec)
-    if not args.new_site:  # the report covers every cell in the work dir (other runs' cells included)
-        results = []
-        for name in sorted(os.listdir(os.path.join(work, "cells"))):
-            with open(os.path.join(work, "cells", name)) as f:
-                rec = json.load(f)
-            if rec["kind"] == "real":
-                results.append(rec)
-        results.sort(key=lambda r: (r["n"], r["seed"], r["tag"]))
+    # the report covers every cell in the work dir (other runs' cells included)
+    results = []
+    for name in sorted(os.listdir(os.path.join(work, "cells"))):
+        with open(os.path.join(work, "cells", name)) as f:
+            rec = json.load(f)
+        if args.new_site or rec["kind"] == "real":
+            results.append(rec)
+    results.sort(key=lambda r: (r["n"], r["seed"], r["tag"]))
     site = None
     if args.new_site:
         site = (f"New site = the images with pixel size > {cut:.3f} mm (the coarsest third of HC18, 2/3 quantile over "
@@ -220,6 +220,29 @@ def headline(results):
     return lines
 
 
+def over_seeds(results):
+    """Mean ± sd over seeds of every cell group (the tag without its seed): the issue's 'seed 0 and two more'."""
+    import re
+
+    groups: dict = {}
+    for rec in results:
+        groups.setdefault((rec["n"], re.sub(r"_s\d+", "_sS", rec["tag"])), []).append(rec)
+    lines = ["| cell (S = seed) | N | seeds | mode | Dice % mean ± sd | Dice < 0.80 (mean) | HC abs diff mm (mean) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (n, tag), recs in sorted(groups.items()):
+        for mode in MODES:
+            per = [[r for r in rec["rows"] if r["mode"] == mode] for rec in recs]
+            if not all(per):
+                continue
+            dice = [100 * np.mean([r["dice"] for r in rows]) for rows in per]
+            low = [sum(r["dice"] < 0.8 for r in rows) for rows in per]
+            hc = [np.mean([r["hc_abs_diff_mm"] for r in rows]) for rows in per]
+            sd = f" ± {np.std(dice, ddof=1):.2f}" if len(dice) > 1 else ""
+            lines.append(f"| {tag} | {n} | {','.join(str(r['seed']) for r in recs)} | {mode} | {np.mean(dice):.2f}{sd} | "
+                         f"{np.mean(low):.1f} | {np.mean(hc):.2f} |")
+    return lines
+
+
 def write_report(results, args, n_test, site=None):
     out = args.out
     os.makedirs(out, exist_ok=True)
@@ -227,15 +250,20 @@ def write_report(results, args, n_test, site=None):
              f"{n_test} test images at full resolution, scored by `fetal_head.evaluation.core` (Dice, HD95, HC "
              "absolute difference; failures kept in the means). Labels: `select_labels(pool, N, seed)`.", "",
              *([site, ""] if site else []),
-             *headline(results), "",
+             *headline(results), "", "Over seeds:", "", *over_seeds(results), "",
              "Commands (per cell):", "", *sorted({f"- `{r.get('command', '?')}`" for r in results}), "",
-             "| cell | N | seed | mode | Dice % | HD95 mm | HC abs diff mm | Dice < 0.80 | failures | localiser gate (CV automatic Dice vs baseline) |",
+             "| cell | N | seed | mode | Dice % | HD95 mm | HC abs diff mm | Dice < 0.80 | failures | localiser check (CV automatic Dice vs baseline) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     csv_rows = []
     for rec in results:
         loc = (rec.get("info") or {}).get("localiser") or {}
-        loc_s = (f"{loc.get('cv_automatic_dice')} vs {loc.get('baseline')} {loc.get('baseline_automatic_dice')}"
-                 f"{'' if loc.get('gate_passed', loc.get('replaced')) else ' (gate: not better)'}") if loc else ""
+        if not loc:
+            loc_s = ""
+        elif loc.get("cv_automatic_dice") is None:
+            loc_s = "no check: " + str(loc.get("reason", ""))
+        else:
+            loc_s = (f"{loc['cv_automatic_dice']} vs {loc.get('baseline')} {loc.get('baseline_automatic_dice')}"
+                     f"{'' if loc.get('gate_passed') else ' (gate: not better)'}")
         for mode, m in rec["summary"].items():
             low = sum(r["dice"] < 0.8 for r in rec["rows"] if r["mode"] == mode)
             lines.append(f"| {rec['tag']} | {rec['n']} | {rec['seed']} | {mode} | {100 * m['dice']:.2f} | "

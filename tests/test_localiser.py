@@ -150,6 +150,29 @@ def test_trainer_attaches_the_localiser_below_10_labels_and_says_why(predictor, 
         delattr(predictor.model, LOCALISER)
 
 
+def test_from_10_labels_the_localiser_must_beat_the_automatic_head_the_model_would_serve(predictor, hc18_subset,
+                                                                                          tmp_path):
+    """From 10 labels on the localiser is cross-validated against what the model answers without it: with a kept
+    automatic head that is the head (from ~400 labels on the better route), not the box search."""
+    from fetal_head.segmentation import training as T
+    from fetal_head.segmentation.models import AUTOMATIC_DECODER, attach_automatic_decoder
+
+    pool = [c for c in hc18_subset if c.split == "pool"]
+    items = T.label_items(pool[:: len(pool) // 10][:10], str(tmp_path))
+    cfg = T.TrainConfig(localiser=True, localiser_steps=20, localiser_cv_limit=3)
+    attach_automatic_decoder(predictor.model)  # as a run that kept its automatic head leaves the model
+    try:
+        record = T.fit_localiser(predictor, items, cfg, str(REPO / ".data" / "emb_cache"))
+        assert record["baseline"] == "automatic head" and record["cv_automatic_dice"] is not None, record
+        assert 0.0 <= record["baseline_automatic_dice"] <= 1.0
+        assert record["replaced"] == (record["cv_automatic_dice"] > record["baseline_automatic_dice"])
+        assert ("kept the model's automatic head" in record["reason"]) != record["replaced"]
+    finally:
+        delattr(predictor.model, AUTOMATIC_DECODER)
+        if getattr(predictor.model, LOCALISER, None) is not None:
+            delattr(predictor.model, LOCALISER)
+
+
 def test_a_click_near_a_candidates_rim_ranks_it_below_the_head_that_centres_it(hc18_subset):
     """Click answers weigh each candidate by how central the click is in it (box_search.centrality): the head under
     a centroid click scores 1, a same-sized neighbour with the click on its rim exp(-2)."""

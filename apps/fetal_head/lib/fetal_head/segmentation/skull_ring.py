@@ -13,6 +13,7 @@ outside the head can win the fit, which is why it is a candidate and the decoder
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -110,8 +111,10 @@ def skull_ring(image: np.ndarray, centre: Tuple[float, float], seed: int = 0) ->
         return (abs(xc - cx) < 0.25 * short and abs(yc - cy) < 0.25 * short and lo > 0.04 * short
                 and hi < RADII[1] * short and hi / lo < MAX_ASPECT)
 
-    model, inliers = ransac(pts, _radial_ellipse_model(), min_samples=5, residual_threshold=RESIDUAL * short,
-                            max_trials=TRIALS, is_model_valid=plausible, rng=seed)
+    with warnings.catch_warnings():  # "no valid model" is an answer here (None), not something to log per request
+        warnings.simplefilter("ignore", UserWarning)
+        model, inliers = ransac(pts, _radial_ellipse_model(), min_samples=5, residual_threshold=RESIDUAL * short,
+                                max_trials=TRIALS, is_model_valid=plausible, rng=seed)
     if model is None or inliers is None:
         return None
     (xc, yc), (a, b) = model.center, model.axis_lengths
