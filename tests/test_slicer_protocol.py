@@ -160,7 +160,9 @@ def test_slicer_session_on_png_datastore(png_server):
 
     # Train: the trainer's options from /info/, one epoch, then the module's status polling
     before = info["models"]["fetal_head_sam"]["model_version"]
-    options = {**info["trainers"]["fetal_head_sam"]["config"], "max_epochs": 1, "train_batch_size": 2}
+    # (the head localiser, on by default, trains too: fewer steps keep this protocol test short)
+    options = {**info["trainers"]["fetal_head_sam"]["config"], "max_epochs": 1, "train_batch_size": 2,
+               "localiser_steps": 30}
     started = client.train_start("fetal_head_sam", options)
     assert started.get("status") in ("SUBMITTED", "RUNNING", "DONE"), started
     status = wait_for_training(client)
@@ -171,6 +173,7 @@ def test_slicer_session_on_png_datastore(png_server):
     meta = json.loads((srv.app / "model" / "fetal_head_sam.json").read_text())
     used = set(meta["labels_used"]) | set(meta.get("validation_images", []))
     assert used == {c.image_id for c in srv.labelled} | {sample["id"]}  # the label submitted from Slicer counted
+    assert meta["localiser"]["replaced"], meta["localiser"]  # the default recipe's localiser, below 10 labels
     # the new model answers the next SmartEdit request
     _, result = client.infer("fetal_head_sam", sample["id"], {"label": "fetal_head", "roi": slicer_roi(ref)})
     assert result["model_version"] == after
