@@ -61,19 +61,18 @@ def bench_in_process(cases):
 def bench_modes(cases, model_dir=None):
     """Automatic (no prompt) and one click at the mask centroid, as served (``automatic_agreement`` as the predictor
     defaults): first request on a new image (encoder + answer) and the same request again (cached embedding)."""
+    from fetal_head.evaluation.core import load_test_images
     from fetal_head.segmentation.model_store import ModelSource
 
     pred = ModelSource(model_dir=model_dir).load() if model_dir else SamPredictor.litemedsam()
     pred.predict(read_image(cases[0].image_path), Prompt())  # warm-up (kernel selection)
     out = {"automatic, first": [], "automatic, repeated": [], "click, repeated": []}
-    for case in cases[1:]:
-        img = read_image(case.image_path)
-        rows, cols = np.nonzero(case.load_mask())
-        click = Prompt(points=np.array([[cols.mean(), rows.mean()]], np.float32), labels=np.array([1]))
-        for key, prompt in (("automatic, first", Prompt()), ("automatic, repeated", Prompt()), ("click, repeated", click)):
-            t = time.perf_counter()
-            pred.predict(img, prompt)
-            out[key].append(time.perf_counter() - t)
+    for t in load_test_images(cases[1:]):  # the evaluation's own prompts (click: the reference mask's centroid)
+        for key, mode in (("automatic, first", "automatic"), ("automatic, repeated", "automatic"),
+                          ("click, repeated", "click")):
+            t0 = time.perf_counter()
+            pred.predict(t.image, t.prompt(mode))
+            out[key].append(time.perf_counter() - t0)
     return {k: float(np.median(v)) for k, v in out.items()}
 
 

@@ -151,21 +151,16 @@ def run(args):
         for n in args.n:
             for seed in args.seeds:
                 plan.append((f"n{n}_s{seed}{suffix}", n, seed, "real"))
-    results = []
     if args.report_only:
         plan = []
     for tag, n, seed, kind in plan:
         path = os.path.join(work, "cells", tag + ".json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                results.append(json.load(f))
+        if os.path.isfile(path):  # finished earlier: the report below reads it
             continue
         t0 = time.time()
         info: dict = {}
         model_dir = None
-        if kind == "real":
-            model_dir, info = trained_cell(work, tag) or train_cell(pool, n, seed, args, work, tag)
-        elif kind == "base":
+        if kind in ("real", "base"):
             model_dir, info = trained_cell(work, tag) or train_cell(pool, n, seed, args, work, tag)
         elif kind.startswith("site:"):
             base_dir = os.path.join(work, "models", kind[5:]) if kind[5:] else None  # None: the shipped model
@@ -178,7 +173,6 @@ def run(args):
         with open(path, "w") as f:
             json.dump(rec, f, default=float)
         logging.info(f"{tag}: {json.dumps(rec['summary'])}")
-        results.append(rec)
     # the report covers every cell in the work dir (other runs' cells included)
     results = []
     for name in sorted(os.listdir(os.path.join(work, "cells"))):
@@ -194,6 +188,11 @@ def run(args):
                 f"{len(site_test)} test images (scored); the other two thirds' pool ({len(pool)} images) only feeds "
                 "`--base-n`.")
     write_report(results, args, len(test), site)
+
+
+def below_080(rec, mode) -> int:
+    """Images of a cell whose ``mode`` answer has Dice < 0.80 (the issue's failure count)."""
+    return sum(r["dice"] < 0.8 for r in rec["rows"] if r["mode"] == mode)
 
 
 def headline(results):
@@ -212,7 +211,7 @@ def headline(results):
             box = off and off["summary"].get("box")
             box_note = " (off cell)"
         auto, click = s.get("automatic"), s.get("click")
-        low = sum(r["dice"] < 0.8 for r in rec["rows"] if r["mode"] == "automatic")
+        low = below_080(rec, "automatic")
         f = lambda m: f"{100 * m['dice']:.2f}" if m else "-"
         lines.append(f"| {rec['n']} | {'on' if loc and loc.get('replaced') else 'off'} | {f(box)}{box_note} | "
                      f"{f(auto)} | {low if auto else '-'} | {auto['hc_abs_diff_mm']:.2f} | {f(click)} | {auto['images']} | "
@@ -231,12 +230,11 @@ def over_seeds(results):
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for (n, tag), recs in sorted(groups.items()):
         for mode in MODES:
-            per = [[r for r in rec["rows"] if r["mode"] == mode] for rec in recs]
-            if not all(per):
+            if not all(mode in rec["summary"] for rec in recs):
                 continue
-            dice = [100 * np.mean([r["dice"] for r in rows]) for rows in per]
-            low = [sum(r["dice"] < 0.8 for r in rows) for rows in per]
-            hc = [np.mean([r["hc_abs_diff_mm"] for r in rows]) for rows in per]
+            dice = [100 * rec["summary"][mode]["dice"] for rec in recs]
+            low = [below_080(rec, mode) for rec in recs]
+            hc = [rec["summary"][mode]["hc_abs_diff_mm"] for rec in recs]
             sd = f" ± {np.std(dice, ddof=1):.2f}" if len(dice) > 1 else ""
             lines.append(f"| {tag} | {n} | {','.join(str(r['seed']) for r in recs)} | {mode} | {np.mean(dice):.2f}{sd} | "
                          f"{np.mean(low):.1f} | {np.mean(hc):.2f} |")
@@ -265,7 +263,7 @@ def write_report(results, args, n_test, site=None):
             loc_s = (f"{loc['cv_automatic_dice']} vs {loc.get('baseline')} {loc.get('baseline_automatic_dice')}"
                      f"{'' if loc.get('gate_passed') else ' (gate: not better)'}")
         for mode, m in rec["summary"].items():
-            low = sum(r["dice"] < 0.8 for r in rec["rows"] if r["mode"] == mode)
+            low = below_080(rec, mode)
             lines.append(f"| {rec['tag']} | {rec['n']} | {rec['seed']} | {mode} | {100 * m['dice']:.2f} | "
                          f"{m['hd95_mm']:.2f} | {m['hc_abs_diff_mm']:.2f} | {low} | {m['failures']} | {loc_s} |")
             csv_rows.append({"cell": rec["tag"], "n": rec["n"], "seed": rec["seed"], "mode": mode,

@@ -751,7 +751,7 @@ def fit_localiser(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: 
         ref = [_route_dice(predictor, s, route) for s in scored]
         record["baseline_automatic_dice"] = round(float(np.mean(ref)), 4)
         record["gate_passed"] = not (cv and record["cv_automatic_dice"] <= record["baseline_automatic_dice"])
-        attach = record["gate_passed"] or not cfg.localiser_gate
+        attach = record["gate_passed"]
         if attach:
             reason = (f"cross-validated automatic Dice {record['cv_automatic_dice']} vs the {record['baseline']}'s "
                       f"{record['baseline_automatic_dice']:.4f}")
