@@ -101,7 +101,7 @@ class TrainConfig:
     world_size: int = 1  # data-parallel processes (DDP): one per GPU, or gloo processes on CPU
     lora_rank: int = 8  # train_encoder="lora" only
     min_labels_for_validation: int = 10  # fewer real labels: no validation split, fixed schedule (last epoch)
-    # the head localiser is on by default: with the skull ring it answers automatic requests at 90.96 / 90.79 % Dice
+    # the head localiser is on by default: with the skull ring it answers automatic requests at 91.28 / 91.40 % Dice
     # after 5 / 20 labels (3 seeds, 157 test images, docs/eval/automatic/seeds), where the box search with the same
     # decoder gave 84.8 / 82.7 % (seed 0, 94 images), and it adapted a held-out group (new-site simulation). It costs
     # ~1 min per retrain on a 2-core CPU below 10 labels and a few more from 10 on (its check); `localiser: false`
