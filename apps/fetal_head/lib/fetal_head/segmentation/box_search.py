@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .prompts import Prompt
+from .prompts import Prompt, grow_box, mask_box
 
 if TYPE_CHECKING:  # the predictor calls in here; only its type is needed
     from .predictor import ImageEmbedding, Prediction, SamPredictor
@@ -58,9 +58,8 @@ def automatic_head(predictor: "SamPredictor", emb: "ImageEmbedding") -> "Predict
             break
         rows, cols = np.nonzero(head)
         sx, sy = w / cw, h / ch  # low-res cell -> image pixels
-        m = AUTOMATIC_MARGIN_PX
-        box = (max(cols.min() * sx - m, 0.0), max(rows.min() * sy - m, 0.0),
-               min((cols.max() + 1) * sx - 1 + m, w - 1.0), min((rows.max() + 1) * sy - 1 + m, h - 1.0))
+        box = grow_box((cols.min() * sx, rows.min() * sy, (cols.max() + 1) * sx - 1, (rows.max() + 1) * sy - 1),
+                       AUTOMATIC_MARGIN_PX, h, w)
         logits, iou = predictor.decode(emb, boxes=np.array([box]))
         pred = predictor.finish(emb, logits, iou)
         coarse = pred.logits
@@ -156,9 +155,7 @@ def rebox(predictor: "SamPredictor", emb: "ImageEmbedding", pred: "Prediction", 
     if pred.mask.sum() < 16:
         return pred
     h, w = emb.original_hw
-    rows, cols = np.nonzero(pred.mask)
-    m = AUTOMATIC_MARGIN_PX
-    box = (max(cols.min() - m, 0.0), max(rows.min() - m, 0.0), min(cols.max() + m, w - 1.0), min(rows.max() + m, h - 1.0))
+    box = grow_box(mask_box(pred.mask), AUTOMATIC_MARGIN_PX, h, w)
     logits, iou = predictor.decode(emb, boxes=np.array([box]))
     out = predictor.finish(emb, logits, iou)
     if out.mask.sum() < 16:
@@ -216,8 +213,7 @@ def _heads_with_boxes(low: np.ndarray, fg, bg, to_low: np.ndarray, h: int, w: in
         rows, cols = np.nonzero(head)
         x0, y0 = cols.min() / to_low[0], rows.min() / to_low[1]
         x1, y1 = (cols.max() + 1) / to_low[0] - 1, (rows.max() + 1) / to_low[1] - 1
-        mx, my = (x1 - x0) * REFINE_MARGIN, (y1 - y0) * REFINE_MARGIN
-        out.append((i, head, (max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, w - 1), min(y1 + my, h - 1))))
+        out.append((i, head, grow_box((x0, y0, x1, y1), ((x1 - x0) * REFINE_MARGIN, (y1 - y0) * REFINE_MARGIN), h, w)))
     return out
 
 

@@ -171,6 +171,14 @@ def mask_box(mask: np.ndarray) -> Tuple[float, float, float, float]:
     return float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())
 
 
+def grow_box(box, margin, height: int, width: int) -> Tuple[float, float, float, float]:
+    """``box`` (x_min, y_min, x_max, y_max) grown by ``margin`` px (a number, or (x, y) margins), clipped to the
+    image (inclusive pixel indices)."""
+    mx, my = (margin, margin) if np.isscalar(margin) else margin
+    x0, y0, x1, y1 = box
+    return (max(x0 - mx, 0.0), max(y0 - my, 0.0), min(x1 + mx, width - 1.0), min(y1 + my, height - 1.0))
+
+
 def jitter_box(box, rng: np.random.Generator, max_jitter: int, height: int, width: int):
     """Grow each side outward by 0..max_jitter px (a user's box is drawn around the head, not inside it)."""
     j = rng.integers(0, max_jitter + 1, size=4)

@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .prompts import grow_box
+
 N_RAYS = 90
 PEAKS_PER_RAY = 3  # the brightest ridges on each ray: skull, plus midline / placenta / uterine wall
 RIDGE_PROMINENCE = 15.0  # grey levels above the surrounding profile (8-bit image smoothed with sigma 2 px)
@@ -46,8 +48,7 @@ class SkullRing:
         (xc, yc), (a, b), t = self.centre, self.axes, self.theta
         ex = float(np.hypot(a * np.cos(t), b * np.sin(t)))
         ey = float(np.hypot(a * np.sin(t), b * np.cos(t)))
-        return (max(xc - ex - margin, 0.0), max(yc - ey - margin, 0.0),
-                min(xc + ex + margin, width - 1.0), min(yc + ey + margin, height - 1.0))
+        return grow_box((xc - ex, yc - ey, xc + ex, yc + ey), margin, height, width)
 
 
 def ridge_points(image: np.ndarray, centre: Tuple[float, float]) -> np.ndarray:
