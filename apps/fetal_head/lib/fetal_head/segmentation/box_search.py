@@ -131,7 +131,7 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
         scores = [sc * centrality(low2[i], centre[0]) for i, sc in enumerate(scores)]
     best = int(np.argmax(scores))
     pred = predictor.finish(emb, logits2[best : best + 1], iou2[best : best + 1])
-    pred = rebox(predictor, emb, pred, fg)
+    pred = rebox(predictor, emb, pred, fg)  # the confidence below describes this answer (pred.logits: its own)
     pred.confidence = {
         "source": "localiser",
         "localiser_score": round(loc.score, 4),
@@ -139,7 +139,7 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
         "localiser_centre_prob": round(loc.centre_prob, 4),
         "localiser_candidates": loc.candidates,
         "decoder_iou": round(pred.score, 4),
-        "localiser_decoder_dice": round(agreement(low2[best]), 4),
+        "localiser_decoder_dice": round(agreement((pred.logits[0, 0, :ch, :cw] > 0).cpu().numpy()), 4),
         "candidate_score": round(float(scores[best]), 4),
         "skull_ring_support": None if ring is None else round(ring.support, 4),
         "chosen_candidate": "skull_ring" if ring is not None and cands[best][0] == len(boxes) - 1 else "localiser",
