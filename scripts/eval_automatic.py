@@ -42,7 +42,8 @@ from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
 from fetal_head.segmentation.model_store import ModelSource, save_finetuned  # noqa: E402
 from fetal_head.segmentation.models import LITEMEDSAM  # noqa: E402
 from fetal_head.segmentation.predictor import SamPredictor  # noqa: E402
-from fetal_head.segmentation.training import TrainConfig, checkpoint_meta, finetune, label_items  # noqa: E402
+from fetal_head.segmentation.training import (TrainConfig, checkpoint_meta, finetune, fit_head_verifier,  # noqa: E402
+                                              label_items)
 
 # the "cpu" benchmark configuration's schedule (what gave box 96.10 / 96.72 % at 5 / 20 labels)
 TRAIN_STEPS, BATCH, LR, MAX_EPOCHS, MAX_VAL = 100, 4, 1e-4, 40, 20
@@ -58,14 +59,16 @@ def train_cell(pool, n, seed, args, work, tag, base_dir=None):
     cfg = TrainConfig(max_epochs=epochs, train_batch_size=BATCH, val_split=val_split, learning_rate=LR, seed=seed,
                       automatic_head=args.automatic_head,
                       localiser=args.localiser, localiser_steps=args.localiser_steps,
-                      localiser_folds=args.folds, localiser_gate=not args.no_gate)
+                      localiser_folds=args.folds, localiser_gate=not args.no_gate,
+                      head_verifier=args.head_verifier)
     predictor = (ModelSource(model_dir=base_dir).load() if base_dir else SamPredictor.litemedsam(version=LITEMEDSAM))
     t0 = time.time()
     summary = finetune(predictor, items, cfg, args.cache_dir)
     model_dir = os.path.join(work, "models", tag)
     save_finetuned(predictor.model, LITEMEDSAM, model_dir, checkpoint_meta(summary, LITEMEDSAM))
     info = {"labels": [c.image_id for c in chosen], "epochs": epochs, "seconds_train": round(time.time() - t0, 1),
-            "localiser": summary.get("localiser"), "best_epochs": summary.get("best_epochs")}
+            "localiser": summary.get("localiser"), "head_verifier": summary.get("head_verifier"),
+            "best_epochs": summary.get("best_epochs")}
     with open(os.path.join(model_dir, "cell_info.json"), "w") as f:
         json.dump(info, f, default=float)
     return model_dir, info
@@ -78,6 +81,28 @@ def trained_cell(work, tag):
         return None
     with open(os.path.join(model_dir, "cell_info.json")) as f:
         return model_dir, json.load(f)
+
+
+def add_head_verifier(model_dir, info, cases, seed, args, work):
+    """Fit the trainer's head verifier (training.fit_head_verifier) onto a cell's saved model, on the cell's own
+    labels, when it has none: how cells trained before the verifier existed were brought up to the recipe without
+    retraining their decoder and localiser (both deterministic, so a retrain would give the same ones)."""
+    meta_path = os.path.join(model_dir, "fetal_head_sam.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("head_verifier"):
+        return info
+    predictor = ModelSource(model_dir=model_dir).load()
+    if predictor.localiser is None:
+        return info
+    by_id = {c.image_id: c for c in cases}
+    items = label_items([by_id[i] for i in info["labels"]], os.path.join(work, "labels"))
+    meta["head_verifier"] = fit_head_verifier(predictor, items, TrainConfig(seed=seed), args.cache_dir)
+    save_finetuned(predictor.model, LITEMEDSAM, model_dir, meta)
+    info = dict(info, head_verifier=meta["head_verifier"])
+    with open(os.path.join(model_dir, "cell_info.json"), "w") as f:
+        json.dump(info, f, default=float)
+    return info
 
 
 def eval_cell(model_dir, test, holder, modes, cache, inc_path):
@@ -162,9 +187,13 @@ def run(args):
         model_dir = None
         if kind in ("real", "base"):
             model_dir, info = trained_cell(work, tag) or train_cell(pool, n, seed, args, work, tag)
+            if args.head_verifier:
+                info = add_head_verifier(model_dir, info, pool, seed, args, work)
         elif kind.startswith("site:"):
             base_dir = os.path.join(work, "models", kind[5:]) if kind[5:] else None  # None: the shipped model
             model_dir, info = trained_cell(work, tag) or train_cell(site_pool, n, seed, args, work, tag, base_dir)
+            if args.head_verifier:
+                info = add_head_verifier(model_dir, info, site_pool, seed, args, work)
         os.makedirs(os.path.join(work, "inc"), exist_ok=True)
         rows = eval_cell(model_dir, test, holder, args.modes, cache, os.path.join(work, "inc", tag + ".jsonl"))
         rec = {"tag": tag, "n": n, "seed": seed, "kind": kind, "rows": rows, "info": info,
@@ -304,6 +333,8 @@ def main():
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--no-gate", action="store_true", help="attach the localiser even when its cross-validated "
                     "automatic Dice does not beat the box search (to measure it; the gate's verdict is still reported)")
+    ap.add_argument("--no-head-verifier", dest="head_verifier", action="store_false",
+                    help="leave the head verifier out (TrainConfig.head_verifier); on by default, as in the trainer")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-site", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the cells in --work-dir")

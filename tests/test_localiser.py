@@ -208,3 +208,107 @@ def test_the_final_rebox_keeps_the_head_in_the_images_geometry(predictor, sample
         after.append(dice(out.mask, mask))
     print("Dice before / after the re-box:", np.round(before, 3), np.round(after, 3))
     assert np.mean(after) > 0.9 and np.mean(after) > np.mean(before) - 0.01, (before, after)
+
+
+# ---- the head verifier (fetal_head.segmentation.verifier) ------------------------------------------------------
+@pytest.fixture(scope="module")
+def verifier(predictor, trained, hc18_subset, tmp_path_factory):
+    """The head verifier as the trainer fits it (training.fit_head_verifier) on the 8 pool labels, with the zero-shot
+    decoder and the localiser trained on the same labels; returns (verifier, its record)."""
+    from fetal_head.segmentation import training as T
+    from fetal_head.segmentation.models import HEAD_VERIFIER
+
+    pool = [c for c in hc18_subset if c.split == "pool"]
+    items = T.label_items(pool[:: len(pool) // 8][:8], str(tmp_path_factory.mktemp("labels")))
+    setattr(predictor.model, LOCALISER, trained)
+    try:
+        record = T.fit_head_verifier(predictor, items, T.TrainConfig(seed=0), str(REPO / ".data" / "emb_cache"))
+        return predictor.head_verifier, record
+    finally:
+        for name in (LOCALISER, HEAD_VERIFIER):
+            if getattr(predictor.model, name, None) is not None:
+                delattr(predictor.model, name)
+
+
+def test_verifier_fit_needs_both_kinds_and_ranks_them():
+    from fetal_head.segmentation.verifier import fit_verifier
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 10)).astype(np.float32)
+    y = x[:, 0] + 0.3 * rng.normal(size=60) > 0
+    net = fit_verifier(x, y, labels=3)
+    p = net.probability(x)
+    assert int(net.trained_labels) == 3
+    assert np.mean([a > b for a in p[y] for b in p[~y]]) > 0.95  # heads first (the strong L2 keeps p modest)
+    assert p[y].mean() > 0.5 > p[~y].mean()
+    assert fit_verifier(x, np.zeros(60, bool), labels=3) is None  # no head among the candidates: nothing to learn
+    assert fit_verifier(x[:3], np.array([True, False, False]), labels=1) is None
+
+
+def test_verifier_ranks_held_out_heads_above_the_other_structures(predictor, trained, verifier, samples):
+    """What it is for: on images it never saw, the candidates that are the head (Dice >= 0.9 with the reference at
+    the decoder's resolution) get a higher head probability than those that are not (< 0.8: the fluid sac, part of
+    the head, the midline). Measured: AUC 0.98 over 21 heads and 62 others."""
+    from fetal_head.segmentation import box_search
+    from fetal_head.segmentation.training import low_res_target
+    from fetal_head.segmentation.verifier import POSITIVE_DICE
+
+    net, record = verifier
+    assert record["attached"] and record["labels"] == 8 and 2 <= record["heads"] < record["candidates"], record
+    setattr(predictor.model, LOCALISER, trained)
+    try:
+        heads, others = [], []
+        for _, mask, _, image in samples["test"]:
+            emb = predictor.embed(image)
+            found = box_search.localised_candidates(predictor, emb, image=image, search_too=True)
+            assert found is not None
+            ref = low_res_target(predictor, emb, mask)[0, 0].numpy() > 0.5
+            for cand in found[1]:
+                p = float(net.probability(cand.features(emb)[None])[0])
+                d = box_search._dice(cand.mask, ref)
+                (heads if d >= POSITIVE_DICE else others if d < 0.8 else []).append(p)
+    finally:
+        delattr(predictor.model, LOCALISER)
+    auc = np.mean([h > o for h in heads for o in others])
+    print(f"{len(heads)} head and {len(others)} other candidates; AUC {auc:.3f}")
+    assert len(heads) >= 4 and len(others) >= 4
+    assert auc > 0.8, (heads, others)
+
+
+def test_automatic_answers_weigh_candidates_by_the_verifier_and_report_it(predictor, trained, verifier, samples):
+    """Automatic answers weigh the localiser's and the box search's candidates by the verifier and report its
+    probability. Here the decoder is the zero-shot one (the trainer always fits the verifier on its new decoder's
+    candidates): measured 0.72 mean Dice over these 8 images against 0.79 for the same localiser without the
+    verifier, one first-trimester head (0.91 -> 0.38) losing to its sac; with the trainer's fine-tuned decoders on
+    the 157 test images it gains (README, issue 12)."""
+    from fetal_head.segmentation.models import HEAD_VERIFIER
+
+    setattr(predictor.model, LOCALISER, trained)
+    setattr(predictor.model, HEAD_VERIFIER, verifier[0])
+    try:
+        scores = []
+        for _, mask, _, image in samples["test"]:
+            pred = predictor.predict(image, Prompt())
+            conf = pred.confidence
+            assert conf["source"] == "localiser" and 0.0 <= conf["head_probability"] <= 1.0, conf
+            assert 0.0 <= conf["box_search_agreement"] <= 1.0  # from the candidates it decoded: no second search
+            assert conf["chosen_candidate"] in ("localiser", "skull_ring", "box_search")
+            scores.append(dice(pred.mask, mask))
+    finally:
+        delattr(predictor.model, LOCALISER)
+        delattr(predictor.model, HEAD_VERIFIER)
+    print("automatic Dice, zero-shot decoder + localiser + verifier (8 labels):", np.round(scores, 3))
+    assert np.mean(scores) > 0.65 and sum(s > 0.9 for s in scores) >= 5, scores
+
+
+def test_checkpoint_carries_the_verifier(verifier, tmp_path):
+    from fetal_head.segmentation.models import HEAD_VERIFIER
+
+    net = build_model(LITEMEDSAM)
+    setattr(net, HEAD_VERIFIER, verifier[0])
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)["state_dict"]
+    fresh = build_model(LITEMEDSAM)
+    fresh.load_state_dict(state, strict=True)  # attaches itself from its keys
+    assert int(getattr(fresh, HEAD_VERIFIER).trained_labels) == 8
+    assert torch.equal(getattr(fresh, HEAD_VERIFIER).linear.weight, verifier[0].linear.weight)

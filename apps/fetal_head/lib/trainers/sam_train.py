@@ -49,6 +49,7 @@ OPTIONS = {
     "learning_rate": (parse_float, 1e-12, 1.0), "weight_decay": (parse_float, 0.0, 10.0),
     "val_split": (parse_float, 0.0, 0.99), "synthetic_share": (parse_float, 0.0, 0.99),
     "flip": (parse_bool, None, None), "automatic_head": (parse_bool, None, None), "localiser": (parse_bool, None, None),
+    "head_verifier": (parse_bool, None, None),
 }
 LEGACY_NAMES = {"prompt_free_head": "automatic_head"}  # still accepted from older clients and scripts
 
@@ -167,7 +168,7 @@ class FetalHeadSamTrain(TrainTask):
         logger.info(f"saved {path}: best epoch {summary['best_epoch']} {summary['best']}")
         return {"best_epoch": summary["best_epoch"], "metrics": summary["best"], "before": summary["before"],
                 "labels_used": len(summary["train_images"]), "model": path, "seconds": meta["seconds"],
-                "localiser": summary.get("localiser")}
+                "localiser": summary.get("localiser"), "head_verifier": summary.get("head_verifier")}
 
 
 def predictor_model_type(source: ModelSource, version: str) -> str:

@@ -6,8 +6,9 @@ an empty mask zero-shot). Three routes, all ending in the box decoder:
 - :func:`localised`: a fine-tuned model's head localiser (:mod:`.localiser`, a small conv head on the image
   embedding) says where the head is (a foreground click picks the component that holds it, a background click
   removes one); candidate boxes centred there, plus the skull ring's box (:mod:`.skull_ring`), are decoded,
-  re-boxed once, and scored; the winner is decoded once more from its own box plus the training jitter's margin
-  (:func:`rebox`);
+  re-boxed once, and scored; with the model's head verifier (:mod:`.verifier`) the box search's best candidates
+  join in and every score is weighted by the probability that the candidate is the head; the winner is decoded
+  once more from its own box plus the training jitter's margin (:func:`rebox`);
 - :func:`automatic_head`: a fine-tuned model's automatic head (a second mask decoder trained with no prompt) gives
   a coarse head mask; its largest component's box plus a margin goes to the box decoder, whose mask is re-boxed
   once more;
@@ -33,6 +34,7 @@ SEARCH_SCALES = (0.25, 0.45, 0.65, 0.85)  # box height as a fraction of the shor
 SEARCH_ASPECT = 1.25  # box width / height: heads are ellipses, mostly wider than tall on screen
 REFINE_MARGIN = 0.08
 REFINE_TOP_K = 3  # the decoder costs ~40 ms per box on 2 CPU cores: re-prompt only the best candidates
+SEARCH_TOP_K = 5  # box-search candidates the head verifier also weighs in automatic mode (top by iou x ellipse)
 # The box decoder was fine-tuned on boxes 0-20 px outside the head and under-segments tight ones.
 AUTOMATIC_MARGIN_PX = 10.0  # at the image's own resolution, the mean of the training jitter
 AUTOMATIC_REFINE = 1
@@ -86,8 +88,83 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     sizes (plus the localiser's own box) centred on the localiser's head (or the foreground click) are decoded in
     one batch, each candidate's component holding the centre is re-prompted with its own box plus a margin, and
     the answer that is confident (predicted IoU), stable under that re-prompt and ellipse-shaped wins (its agreement
-    with the localiser's soft head map is reported in ``confidence``). With the ``image``, the skull ring around that centre (:mod:`.skull_ring`)
-    adds one more candidate box. None when the localiser finds no head (or none holding the click)."""
+    with the localiser's soft head map is reported in ``confidence``). With the ``image``, the skull ring around
+    that centre (:mod:`.skull_ring`) adds one more candidate box. With a trained head verifier (:mod:`.verifier`)
+    and no click, the box search's best SEARCH_TOP_K candidates join in and each score is weighted by the
+    verifier's probability that the candidate is the head. None when the localiser finds no head (or none holding
+    the click)."""
+    found = localised_candidates(predictor, emb, prompt, image)
+    if found is None:
+        return None
+    loc, cands, ring, clicked = found
+    ch, cw = predictor.low_res_hw(emb)
+    fg = prompt.points[prompt.labels == 1] if len(prompt.points) else None
+    scores = np.array([c.score for c in cands])
+    if clicked:
+        scores = scores * np.array([centrality(c.mask, c.centre) for c in cands])
+    verifier = predictor.head_verifier
+    head_p = None
+    if verifier is not None and not clicked:
+        head_p = verifier.probability(np.stack([c.features(emb) for c in cands]))
+        scores = scores * head_p
+    best = int(np.argmax(scores))
+    win = cands[best]
+    pred = predictor.finish(emb, win.logits, win.iou)
+    pred = rebox(predictor, emb, pred, fg)  # the confidence below describes this answer (pred.logits: its own)
+    prob = torch.from_numpy(loc.prob_map.astype(np.float32))[None, None]
+    prob = torch.nn.functional.interpolate(prob, size=(ch, cw), mode="bilinear", align_corners=False)[0, 0].numpy()
+    served = (pred.logits[0, 0, :ch, :cw] > 0).cpu().numpy()
+    pred.confidence = {
+        "source": "localiser",
+        "localiser_score": round(loc.score, 4),
+        "localiser_head_prob": round(loc.head_prob, 4),
+        "localiser_centre_prob": round(loc.centre_prob, 4),
+        "localiser_candidates": loc.candidates,
+        "decoder_iou": round(pred.score, 4),
+        # soft Dice with the localiser's head probability (reported, not scored: weighting by it did not help)
+        "localiser_decoder_dice": round(float(2 * (prob * served).sum() / max(prob.sum() + served.sum(), 1e-6)), 4),
+        "candidate_score": round(float(scores[best]), 4),
+        "skull_ring_support": None if ring is None else round(ring.support, 4),
+        "chosen_candidate": win.source,
+    }
+    if head_p is not None:
+        pred.confidence["head_probability"] = round(float(head_p[best]), 4)
+        searched = [c for c in cands if c.source == "box_search"][:REFINE_TOP_K]
+        if searched:  # what the box search alone answers (:func:`search`: the same candidates and scores)
+            top = max(searched, key=lambda c: c.score)
+            other = predictor.finish(emb, top.logits, top.iou)
+            pred.confidence["box_search_agreement"] = round(_dice(pred.mask, other.mask), 4)
+    return pred
+
+
+class Candidate:
+    """One re-prompted candidate answer of :func:`localised_candidates`."""
+
+    def __init__(self, source, head, mask, logits, iou, first_iou, centre):
+        self.source = source  # "localiser", "skull_ring" or "box_search"
+        self.head = head  # (ch, cw) bool: the first decode's head component
+        self.mask = mask  # (ch, cw) bool: the re-prompted answer at low resolution
+        self.logits, self.iou = logits, iou  # (1, 1, 256, 256), (1, 1): what finish() takes
+        self.first_iou = first_iou
+        self.centre = centre  # (x, y) at low resolution: the localiser's centre or the click
+        self.stability = _dice(head, mask)
+        self.ellipse = ellipse_likeness(mask)
+        # confident, stable under the re-prompt, ellipse-shaped
+        self.score = float(iou[0, 0]) * self.stability * self.ellipse
+
+    def features(self, emb: "ImageEmbedding") -> np.ndarray:
+        from .verifier import candidate_features
+
+        return candidate_features(emb.features, self.mask,
+                                  (self.first_iou, float(self.iou[0, 0]), self.stability, self.ellipse))
+
+
+def localised_candidates(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt = Prompt(),
+                         image: Optional[np.ndarray] = None, search_too: Optional[bool] = None):
+    """The candidates :func:`localised` chooses among: (localisation, [Candidate], skull ring or None, clicked),
+    or None when the localiser finds no head (or none holding the click). ``search_too`` (default: the model has a
+    head verifier and there is no click) adds the box search's best SEARCH_TOP_K candidates. The trainer fits the
+    head verifier on these same candidates of its labelled images."""
     from .localiser import localise
     from .skull_ring import skull_ring
 
@@ -103,48 +180,39 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     clicked = fg is not None and len(fg) > 0
     if clicked:
         cx, cy = fg.mean(axis=0)
+    if search_too is None:
+        search_too = predictor.head_verifier is not None and not clicked
     boxes = [loc.box] + boxes_around([(cx, cy)], LOCALISED_SCALES, h, w)
     ring = skull_ring(image, (cx, cy)) if image is not None else None
     if ring is not None:
         boxes.append(ring.box(AUTOMATIC_MARGIN_PX, h, w))
+    n_loc = len(boxes)
+    if search_too:
+        boxes += boxes_around(image_centres(h, w), SEARCH_SCALES, h, w)
     ch, cw = predictor.low_res_hw(emb)
     to_low = np.array([cw / w, ch / h])
     centre = np.array([[cx, cy]]) * to_low
     bg_low = None if bg is None else bg * to_low
-    prob = torch.from_numpy(loc.prob_map.astype(np.float32))[None, None]
-    prob = torch.nn.functional.interpolate(prob, size=(ch, cw), mode="bilinear", align_corners=False)[0, 0].numpy()
 
     logits, iou = predictor.decode(emb, boxes=np.array(boxes))
     low = (logits[:, 0, :ch, :cw] > 0).cpu().numpy()
-    cands = _heads_with_boxes(low, centre, bg_low, to_low, h, w)  # (index in boxes, head, re-prompt box)
-    if not cands:
+    # (index in boxes, head, re-prompt box): the localiser's candidates keep the component holding its centre,
+    # the box search's their largest (as :func:`search` does)
+    first = _heads_with_boxes(low[:n_loc], centre, bg_low, to_low, h, w)
+    searched = [(n_loc + i, head, box) for i, head, box in _heads_with_boxes(low[n_loc:], None, bg_low, to_low, h, w)]
+    searched = sorted(searched, key=lambda c: -float(iou[c[0], 0]) * ellipse_likeness(c[1]))[:SEARCH_TOP_K]
+    first += searched
+    if not first:
         return None
-    logits2, iou2 = predictor.decode(emb, boxes=np.array([c[2] for c in cands]))
+    logits2, iou2 = predictor.decode(emb, boxes=np.array([c[2] for c in first]))
     low2 = (logits2[:, 0, :ch, :cw] > 0).cpu().numpy()
-
-    def agreement(mask: np.ndarray) -> float:  # soft Dice with the localiser's head probability
-        return float(2 * (prob * mask).sum() / max(prob.sum() + mask.sum(), 1e-6))
-
-    # the localiser's map is reported (confidence), not scored: weighting candidates by it did not help on the pool
-    scores = [float(iou2[i, 0]) * _dice(c[1], low2[i]) * ellipse_likeness(low2[i]) for i, c in enumerate(cands)]
-    if clicked:
-        scores = [sc * centrality(low2[i], centre[0]) for i, sc in enumerate(scores)]
-    best = int(np.argmax(scores))
-    pred = predictor.finish(emb, logits2[best : best + 1], iou2[best : best + 1])
-    pred = rebox(predictor, emb, pred, fg)  # the confidence below describes this answer (pred.logits: its own)
-    pred.confidence = {
-        "source": "localiser",
-        "localiser_score": round(loc.score, 4),
-        "localiser_head_prob": round(loc.head_prob, 4),
-        "localiser_centre_prob": round(loc.centre_prob, 4),
-        "localiser_candidates": loc.candidates,
-        "decoder_iou": round(pred.score, 4),
-        "localiser_decoder_dice": round(agreement((pred.logits[0, 0, :ch, :cw] > 0).cpu().numpy()), 4),
-        "candidate_score": round(float(scores[best]), 4),
-        "skull_ring_support": None if ring is None else round(ring.support, 4),
-        "chosen_candidate": "skull_ring" if ring is not None and cands[best][0] == len(boxes) - 1 else "localiser",
-    }
-    return pred
+    cands = []
+    for j, (i, head, _) in enumerate(first):
+        source = ("box_search" if i >= n_loc else
+                  "skull_ring" if ring is not None and i == n_loc - 1 else "localiser")
+        cands.append(Candidate(source, head, low2[j], logits2[j : j + 1], iou2[j : j + 1], float(iou[i, 0]),
+                               centre[0]))
+    return loc, cands, ring, clicked
 
 
 def rebox(predictor: "SamPredictor", emb: "ImageEmbedding", pred: "Prediction", fg=None) -> "Prediction":

@@ -9,7 +9,8 @@
 Every checkpoint loads with ``torch.load(..., weights_only=True)``. The automatic head (a second mask decoder
 trained with no prompt, :func:`attach_automatic_decoder`) travels in the same state dict under
 ``automatic_decoder.*``; checkpoints written before it was renamed (``auto_decoder.*``) still load. The head
-localiser (:mod:`.localiser`, :func:`attach_localiser`) travels the same way under ``localiser.*``. Every model
+localiser (:mod:`.localiser`, :func:`attach_localiser`) travels the same way under ``localiser.*``, and the head
+verifier (:mod:`.verifier`, :func:`attach_head_verifier`) under ``head_verifier.*``. Every model
 :func:`build_model` returns attaches either submodule by itself when a state dict it loads holds its keys
 (a load_state_dict pre-hook), so checkpoints with and without them load strictly through the same code.
 """
@@ -28,6 +29,7 @@ LITEMEDSAM = "litemedsam"
 META_SAM_TYPES = ("vit_b", "vit_l", "vit_h")
 AUTOMATIC_DECODER = "automatic_decoder"
 LOCALISER = "localiser"
+HEAD_VERIFIER = "head_verifier"
 _LEGACY_AUTOMATIC_PREFIX = "auto_decoder."  # checkpoints of 2026-11-25
 
 
@@ -99,6 +101,8 @@ def _attach_heads_hook(module: nn.Module, state_dict, prefix, *args, **kwargs) -
         attach_automatic_decoder(module)
     if any(k.startswith(prefix + LOCALISER + ".") for k in state_dict):
         attach_localiser(module, state_dict[prefix + LOCALISER + ".body.0.weight"].shape[1])
+    if any(k.startswith(prefix + HEAD_VERIFIER + ".") for k in state_dict):
+        attach_head_verifier(module, state_dict[prefix + HEAD_VERIFIER + ".mean"].shape[0])
 
 
 def attach_heads_on_load(net: nn.Module) -> nn.Module:
@@ -118,6 +122,15 @@ def attach_localiser(net: nn.Module, in_channels: int = 256) -> nn.Module:
     if getattr(net, LOCALISER, None) is None:
         setattr(net, LOCALISER, Localiser(in_channels=in_channels))
     return getattr(net, LOCALISER)
+
+
+def attach_head_verifier(net: nn.Module, dim: int) -> nn.Module:
+    """Give ``net`` a (fresh, untrained) head verifier as the submodule ``head_verifier`` unless it has one."""
+    from .verifier import HeadVerifier
+
+    if getattr(net, HEAD_VERIFIER, None) is None:
+        setattr(net, HEAD_VERIFIER, HeadVerifier(dim))
+    return getattr(net, HEAD_VERIFIER)
 
 
 def attach_automatic_decoder(net: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import box_search
-from .models import AUTOMATIC_DECODER, LOCALISER, family, weights_key
+from .models import AUTOMATIC_DECODER, HEAD_VERIFIER, LOCALISER, family, weights_key
 from .prompts import Prompt, PromptError
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,8 @@ class SamPredictor:
         self.cache_hits = 0
         self.cache_misses = 0
         # automatic answers from the localiser also run the box search (~25 decoder calls) and report the two
-        # masks' Dice as ``confidence["box_search_agreement"]``; off: that figure is left out (mask unchanged)
+        # masks' Dice as ``confidence["box_search_agreement"]``; off: that figure is left out (mask unchanged).
+        # With a head verifier the localised route decodes the box search's candidates itself and reports it free
         self.automatic_agreement = True
 
     def refresh_encoder_key(self) -> None:
@@ -135,6 +136,12 @@ class SamPredictor:
         """The trained head localiser (:func:`.models.attach_localiser`), None when the model has none."""
         loc = getattr(self.model, LOCALISER, None)
         return loc if loc is not None and int(loc.trained_labels) > 0 else None
+
+    @property
+    def head_verifier(self) -> Optional[nn.Module]:
+        """The trained head verifier (:mod:`.verifier`), None when the model has none; used with the localiser."""
+        v = getattr(self.model, HEAD_VERIFIER, None)
+        return v if v is not None and int(v.trained_labels) > 0 else None
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -329,7 +336,7 @@ class SamPredictor:
         if self.localiser is not None:
             pred = box_search.localised(self, emb, image=image)
             if pred is not None and pred.mask.sum() >= 16:
-                if self.automatic_agreement:
+                if self.automatic_agreement and "box_search_agreement" not in pred.confidence:
                     other = box_search.search(self, emb, box_search.image_centres(*emb.original_hw), Prompt())
                     pred.confidence["box_search_agreement"] = round(box_search._dice(pred.mask, other.mask), 4)
                 return pred

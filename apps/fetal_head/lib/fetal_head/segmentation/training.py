@@ -44,6 +44,10 @@ Design decisions:
   when that beats what the model answers without it on the same labels (its old localiser, else the automatic head
   this run kept, else the box search, with the new decoder); otherwise that route stays, and the log and summary
   (``summary["localiser"]``) say why.
+- The head verifier (:mod:`.verifier`, ``head_verifier=True``): once a localiser serves, a logistic regression is
+  fitted on the candidates the localised route decodes on (up to ``verifier_max_labels`` of) the labelled images,
+  each marked head / not head by its Dice with the label (:func:`fit_head_verifier`); automatic answers then weigh
+  every candidate by its probability of being the head. A stale verifier (an older decoder's) is dropped first.
 - Loss: MONAI's DiceCELoss (sigmoid) on the decoders' low-resolution logits (the part covering the image)
   against the label resized to that grid; validation: MONAI's DiceMetric at the image's full resolution.
 """
@@ -72,7 +76,7 @@ from ..io import read_image, read_mask
 from . import box_search
 from .embedding_cache import EmbeddingCache
 from .localiser import LocaliserConfig, train_localiser
-from .models import AUTOMATIC_DECODER, LOCALISER, attach_automatic_decoder
+from .models import AUTOMATIC_DECODER, HEAD_VERIFIER, LOCALISER, attach_automatic_decoder
 from .predictor import ImageEmbedding, SamPredictor
 from .prompts import Prompt, jitter_box, mask_box, sample_prompt
 
@@ -111,6 +115,9 @@ class TrainConfig:
     localiser_folds: int = 3
     localiser_gate: bool = True  # False (experiments): attach the new localiser without the check (saves its CV)
     localiser_cv_limit: int = 8  # held-out labels scored in the localiser's cross-validation (and the baseline)
+    # the head verifier: ~5 s per label on a 2-core CPU (the localised route's ~40 decoder calls per image)
+    head_verifier: bool = True
+    verifier_max_labels: int = 40
 
 
 @dataclass
@@ -650,8 +657,12 @@ def finetune(
         summary = train_distributed(predictor, train_items, val_items, cfg, cache_dir, on_epoch)
     else:
         summary = train_decoder(predictor, train, val, cfg, on_epoch)
+    if getattr(predictor.model, HEAD_VERIFIER, None) is not None:
+        delattr(predictor.model, HEAD_VERIFIER)  # fitted to the old decoder's candidates: stale from here on
     if cfg.localiser:
         summary["localiser"] = fit_localiser(predictor, list(train_items) + list(val_items), cfg, cache_dir)
+    if cfg.head_verifier and predictor.localiser is not None:
+        summary["head_verifier"] = fit_head_verifier(predictor, list(train_items) + list(val_items), cfg, cache_dir)
     summary["train_images"] = [i.image_id for i in train_items]
     summary["val_images"] = [i.image_id for i in val_items]
     summary["config"] = asdict(cfg)
@@ -768,6 +779,40 @@ def fit_localiser(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: 
     return record
 
 
+# ---- the head verifier -----------------------------------------------------------------------------------------
+def fit_head_verifier(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: TrainConfig, cache_dir: str) -> dict:
+    """Fit the head verifier on the localised route's candidates of (a seeded draw of up to
+    ``cfg.verifier_max_labels``) real labels, with the model's current decoder and localiser, and attach it.
+    Returns the record for the summary."""
+    from .verifier import POSITIVE_DICE, fit_verifier
+
+    t0 = time.time()
+    real = [i for i in items if not i.synthetic]
+    real = [real[k] for k in np.random.default_rng(cfg.seed).permutation(len(real))[: cfg.verifier_max_labels]]
+    cache = EmbeddingCache(cache_dir, predictor)
+    x, y = [], []
+    for it in tqdm(real, desc="head verifier", unit="image", mininterval=5):
+        image, mask = read_image(it.image_path), read_mask(it.label_path)
+        if not mask.any():
+            continue
+        emb = cache.get(image, False)
+        found = box_search.localised_candidates(predictor, emb, image=image, search_too=True)
+        if found is None:
+            continue
+        ref = low_res_target(predictor, emb, mask)[0, 0].numpy() > 0.5
+        for c in found[1]:
+            x.append(c.features(emb))
+            y.append(box_search._dice(c.mask, ref) >= POSITIVE_DICE)
+    net = fit_verifier(np.array(x), np.array(y), len(real)) if x else None
+    record = {"labels": len(real), "candidates": len(y), "heads": int(np.sum(y)), "attached": net is not None,
+              "seconds": round(time.time() - t0, 1)}
+    if net is not None:
+        setattr(predictor.model, HEAD_VERIFIER, net.to(predictor.device))
+    logger.info(f"head verifier {'fitted on' if net is not None else 'NOT fitted (needs 2 heads and 2 others) on'} "
+                f"{record['candidates']} candidates of {record['labels']} labels ({record['heads']} heads)")
+    return record
+
+
 def checkpoint_meta(summary: dict, base_version: str) -> dict:
     """What save_finetuned stores beside the weights."""
     trained = summary.get("trained", ["mask_decoder"])
@@ -779,6 +824,7 @@ def checkpoint_meta(summary: dict, base_version: str) -> dict:
         "automatic": AUTOMATIC_DECODER if AUTOMATIC_DECODER in trained else None,
         # the localiser answers automatic requests first when it was trained and attached
         "localiser": summary.get("localiser"),
+        "head_verifier": summary.get("head_verifier"),
         "train_encoder": summary["config"].get("train_encoder", "frozen"),
         "labels_used": summary["train_images"],
         "validation_images": summary["val_images"],
