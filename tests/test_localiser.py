@@ -262,7 +262,7 @@ def test_verifier_ranks_held_out_heads_above_the_other_structures(predictor, tra
             emb = predictor.embed(image)
             found = box_search.localised_candidates(predictor, emb, image=image, search_too=True)
             assert found is not None
-            ref = low_res_target(predictor, emb, mask)[0, 0].numpy() > 0.5
+            ref = low_res_target(predictor, emb, mask)[0, 0].cpu().numpy() > 0.5
             for cand in found[1]:
                 p = float(net.probability(cand.features(emb)[None])[0])
                 d = box_search._dice(cand.mask, ref)

@@ -799,7 +799,7 @@ def fit_head_verifier(predictor: SamPredictor, items: Sequence[LabelledImage], c
         found = box_search.localised_candidates(predictor, emb, image=image, search_too=True)
         if found is None:
             continue
-        ref = low_res_target(predictor, emb, mask)[0, 0].numpy() > 0.5
+        ref = low_res_target(predictor, emb, mask)[0, 0].cpu().numpy() > 0.5
         for c in found[1]:
             x.append(c.features(emb))
             y.append(box_search._dice(c.mask, ref) >= POSITIVE_DICE)
