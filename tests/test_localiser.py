@@ -248,7 +248,7 @@ def test_verifier_fit_needs_both_kinds_and_ranks_them():
 def test_verifier_ranks_held_out_heads_above_the_other_structures(predictor, trained, verifier, samples):
     """What it is for: on images it never saw, the candidates that are the head (Dice >= 0.9 with the reference at
     the decoder's resolution) get a higher head probability than those that are not (< 0.8: the fluid sac, part of
-    the head, the midline). Measured: AUC 0.98 over 21 heads and 62 others."""
+    the head, the midline). Measured on all 8: AUC 0.98 over 21 heads and 62 others."""
     from fetal_head.segmentation import box_search
     from fetal_head.segmentation.training import low_res_target
     from fetal_head.segmentation.verifier import POSITIVE_DICE
@@ -258,7 +258,7 @@ def test_verifier_ranks_held_out_heads_above_the_other_structures(predictor, tra
     setattr(predictor.model, LOCALISER, trained)
     try:
         heads, others = [], []
-        for _, mask, _, image in samples["test"]:
+        for _, mask, _, image in samples["test"][::2]:  # 4 of the 8 (CI time): ~50 candidates
             emb = predictor.embed(image)
             found = box_search.localised_candidates(predictor, emb, image=image, search_too=True)
             assert found is not None
@@ -271,7 +271,7 @@ def test_verifier_ranks_held_out_heads_above_the_other_structures(predictor, tra
         delattr(predictor.model, LOCALISER)
     auc = np.mean([h > o for h in heads for o in others])
     print(f"{len(heads)} head and {len(others)} other candidates; AUC {auc:.3f}")
-    assert len(heads) >= 4 and len(others) >= 4
+    assert len(heads) >= 3 and len(others) >= 3
     assert auc > 0.8, (heads, others)
 
 
