@@ -109,14 +109,15 @@ def test_checkpoint_carries_the_localiser_and_old_ones_still_load(trained, tmp_p
 def test_automatic_and_click_answers_come_from_the_localiser_with_confidence(predictor, trained, samples):
     net = predictor.model
     setattr(net, LOCALISER, trained)
-    predictor.automatic_agreement = True
     try:
         scores, click_scores = [], []
-        for feat, mask, hw, image in samples["test"]:
+        for i, (feat, mask, hw, image) in enumerate(samples["test"]):
+            # without a head verifier the agreement costs a second box search: checked on 2 of the 8 (CI time)
+            predictor.automatic_agreement = i < 2
             pred = predictor.predict(image, Prompt())
             assert pred.confidence["source"] == "localiser"
             assert 0.0 <= pred.confidence["localiser_score"] <= 1.0
-            assert "box_search_agreement" in pred.confidence and "localiser_decoder_dice" in pred.confidence
+            assert ("box_search_agreement" in pred.confidence) == (i < 2) and "localiser_decoder_dice" in pred.confidence
             assert pred.confidence["chosen_candidate"] in ("localiser", "skull_ring")
             assert pred.confidence["skull_ring_support"] is None or 0 < pred.confidence["skull_ring_support"] <= 1
             scores.append(dice(pred.mask, mask))
@@ -131,6 +132,7 @@ def test_automatic_and_click_answers_come_from_the_localiser_with_confidence(pre
         assert np.mean(click_scores) > 0.9 and min(click_scores) > 0.75, click_scores  # measured 0.936, min 0.821
     finally:
         delattr(net, LOCALISER)
+        predictor.automatic_agreement = True
 
 
 def test_trainer_attaches_the_localiser_below_10_labels_and_says_why(predictor, hc18_subset, tmp_path):

@@ -56,20 +56,19 @@ def labelled_items(cases, folder):
     return items
 
 
-def served_box_and_auto_dice(model_dir, cases):
-    """Box (reference box) and automatic Dice of the model a server would load from model_dir."""
+def served_box_dice(model_dir, cases):
+    """The model a server would load from model_dir, and its box Dice (reference box)."""
     from fetal_head.io import read_image
     from fetal_head.segmentation.model_store import ModelSource
     from fetal_head.segmentation import Prompt
 
     predictor = ModelSource(model_dir=str(model_dir)).load()
-    box, auto = [], []
+    box = []
     for c in cases:
         image, ref = read_image(c.image_path), c.load_mask()
         rows, cols = np.nonzero(ref)
         box.append(dice(predictor.predict(image, Prompt(box=(cols.min(), rows.min(), cols.max(), rows.max()))).mask, ref))
-        auto.append(dice(predictor.predict(image, Prompt()).mask, ref))
-    return predictor, float(np.mean(box)), float(np.mean(auto))
+    return predictor, float(np.mean(box))
 
 
 def test_ddp_over_two_gloo_processes_trains_on_disjoint_shards_and_serves(hc18, tmp_path):
@@ -91,7 +90,7 @@ def test_ddp_over_two_gloo_processes_trains_on_disjoint_shards_and_serves(hc18, 
     assert np.isfinite(record["loss"]) and np.isfinite(record["loss_automatic"]) and "val_dice" in record
     meta = checkpoint_meta(summary, "litemedsam")
     save_finetuned(predictor.model, "litemedsam", str(tmp_path / "model"), meta)
-    served, box, auto = served_box_and_auto_dice(tmp_path / "model", test_split(hc18, "test", 3, seed=5))
+    served, box = served_box_dice(tmp_path / "model", test_split(hc18, "test", 3, seed=5))
     # rank 0 keeps the automatic head only if it validated better than the box search; served as recorded
     assert (served.automatic_decoder is not None) == (meta["automatic"] == "automatic_decoder")
     assert box > 0.85, box  # one tiny epoch must not break the model
@@ -116,7 +115,7 @@ def test_encoder_adaptation_trains_saves_and_serves_with_its_own_embeddings(hc18
     meta = checkpoint_meta(summary, "litemedsam")
     assert meta["train_encoder"] == mode
     save_finetuned(predictor.model, "litemedsam", str(tmp_path / "model"), meta)
-    served, box, _ = served_box_and_auto_dice(tmp_path / "model", test_split(hc18, "test", 3, seed=5))
+    served, box = served_box_dice(tmp_path / "model", test_split(hc18, "test", 3, seed=5))
     # the served encoder is the trained one (LoRA merged into plain weights), so is its embedding-cache key
     assert served.encoder_key == predictor.encoder_key != base_key
     served_encoder = served.model.image_encoder.state_dict()
