@@ -39,7 +39,7 @@ from fetal_head.evaluation.benchmark import select_labels  # noqa: E402
 from fetal_head.evaluation.core import MODES, evaluate, load_test_images, summarize, warm_embeddings  # noqa: E402
 from fetal_head.io.hc18 import read_cases  # noqa: E402
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
-from fetal_head.segmentation.model_store import ModelSource, save_finetuned  # noqa: E402
+from fetal_head.segmentation.model_store import ModelSource, meta_path, save_finetuned  # noqa: E402
 from fetal_head.segmentation.models import LITEMEDSAM  # noqa: E402
 from fetal_head.segmentation.predictor import SamPredictor  # noqa: E402
 from fetal_head.segmentation.training import (TrainConfig, checkpoint_meta, finetune, fit_head_verifier,  # noqa: E402
@@ -87,8 +87,7 @@ def add_head_verifier(model_dir, info, cases, seed, args, work):
     """Fit the trainer's head verifier (training.fit_head_verifier) onto a cell's saved model, on the cell's own
     labels, when it has none: how cells trained before the verifier existed were brought up to the recipe without
     retraining their decoder and localiser (both deterministic, so a retrain would give the same ones)."""
-    meta_path = os.path.join(model_dir, "fetal_head_sam.json")
-    with open(meta_path) as f:
+    with open(meta_path(model_dir)) as f:
         meta = json.load(f)
     if meta.get("head_verifier"):
         return info

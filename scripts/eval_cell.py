@@ -26,7 +26,7 @@ from fetal_head.io.hc18 import read_cases  # noqa: E402
 from fetal_head.segmentation import training as T  # noqa: E402
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
 from fetal_head.segmentation.localiser import LocaliserConfig, train_localiser  # noqa: E402
-from fetal_head.segmentation.model_store import FINETUNED_NAME, ModelSource, save_finetuned  # noqa: E402
+from fetal_head.segmentation.model_store import FINETUNED_NAME, ModelSource, meta_path, save_finetuned  # noqa: E402
 from fetal_head.segmentation.models import LITEMEDSAM  # noqa: E402
 from fetal_head.segmentation.predictor import SamPredictor  # noqa: E402
 
@@ -43,7 +43,7 @@ def add_localiser(cases, n: int, work: str, cache_dir: str, model_dir: str) -> N
     samples = T.localiser_samples(pred, items, cache_dir)
     net = train_localiser(samples, LocaliserConfig(steps=300, seed=0))
     setattr(pred.model, T.LOCALISER, net.to(pred.device))
-    with open(os.path.join(off_dir, FINETUNED_NAME.replace(".pt", ".json"))) as f:
+    with open(meta_path(off_dir)) as f:
         meta = json.load(f)
     meta["localiser"] = {"labels": len(samples), "steps": 300, "replaced": True, "reason": "gate off (CV skipped)",
                          "seconds": round(time.time() - t0, 1)}

@@ -265,8 +265,7 @@ def test_verifier_ranks_held_out_heads_above_the_other_structures(predictor, tra
             found = box_search.localised_candidates(predictor, emb, image=image, search_too=True)
             assert found is not None
             ref = low_res_target(predictor, emb, mask)[0, 0].cpu().numpy() > 0.5
-            for cand in found[1]:
-                p = float(net.probability(cand.features(emb)[None])[0])
+            for cand, p in zip(found[1], net.probability(box_search.verifier_inputs(emb, found[1]))):
                 d = box_search._dice(cand.mask, ref)
                 (heads if d >= POSITIVE_DICE else others if d < 0.8 else []).append(p)
     finally:

@@ -21,13 +21,13 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any, Dict
 
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from fetal_head.segmentation.model_store import ModelSource, save_finetuned
+from fetal_head.segmentation.model_store import ModelSource, meta_path, save_finetuned
 from fetal_head.synthesis.store import is_synthetic
 from fetal_head.segmentation.training import LabelledImage, TrainConfig, checkpoint_meta, finetune
 from lib.trainers.options import parse_bool, parse_float, parse_int
@@ -115,7 +115,7 @@ class FetalHeadSamTrain(TrainTask):
         return c
 
     def stats(self):
-        path = self.source.finetuned_path.replace(".pt", ".json")
+        path = meta_path(self.source.model_dir)
         if not os.path.isfile(path):
             return {}
         import json

@@ -105,7 +105,7 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     verifier = predictor.head_verifier
     head_p = None
     if verifier is not None and not clicked:
-        head_p = verifier.probability(np.stack([c.features(emb) for c in cands]))
+        head_p = verifier.probability(verifier_inputs(emb, cands))
         scores = scores * head_p
     best = int(np.argmax(scores))
     win = cands[best]
@@ -129,9 +129,9 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     }
     if head_p is not None:
         pred.confidence["head_probability"] = round(float(head_p[best]), 4)
-        searched = [c for c in cands if c.source == "box_search"][:REFINE_TOP_K]
-        if searched:  # what the box search alone answers (:func:`search`: the same candidates and scores)
-            top = max(searched, key=lambda c: c.score)
+        searched = [c for c in cands if c.source == "box_search"]
+        if searched:  # what the box search alone answers (:func:`search`'s rule on the same candidates)
+            top = search_choice(searched)
             other = predictor.finish(emb, top.logits, top.iou)
             pred.confidence["box_search_agreement"] = round(_dice(pred.mask, other.mask), 4)
     return pred
@@ -152,11 +152,13 @@ class Candidate:
         # confident, stable under the re-prompt, ellipse-shaped
         self.score = float(iou[0, 0]) * self.stability * self.ellipse
 
-    def features(self, emb: "ImageEmbedding") -> np.ndarray:
-        from .verifier import candidate_features
 
-        return candidate_features(emb.features, self.mask,
-                                  (self.first_iou, float(self.iou[0, 0]), self.stability, self.ellipse))
+def verifier_inputs(emb: "ImageEmbedding", cands: Sequence[Candidate]) -> np.ndarray:
+    """The head verifier's inputs (N, D) for one image's candidates (:func:`.verifier.candidate_features`)."""
+    from .verifier import candidate_features
+
+    return candidate_features(emb.features, [c.mask for c in cands],
+                              [(c.first_iou, float(c.iou[0, 0]), c.stability, c.ellipse) for c in cands])
 
 
 def localised_candidates(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt = Prompt(),
@@ -200,19 +202,34 @@ def localised_candidates(predictor: "SamPredictor", emb: "ImageEmbedding", promp
     # the box search's their largest (as :func:`search` does)
     first = _heads_with_boxes(low[:n_loc], centre, bg_low, to_low, h, w)
     searched = [(n_loc + i, head, box) for i, head, box in _heads_with_boxes(low[n_loc:], None, bg_low, to_low, h, w)]
-    searched = sorted(searched, key=lambda c: -float(iou[c[0], 0]) * ellipse_likeness(c[1]))[:SEARCH_TOP_K]
-    first += searched
+    first += _best_first(searched, iou, SEARCH_TOP_K)
     if not first:
         return None
+    sources = ["box_search" if i >= n_loc else "skull_ring" if ring is not None and i == n_loc - 1 else "localiser"
+               for i, _, _ in first]
+    return loc, _reprompted(predictor, emb, first, iou, sources, centre[0]), ring, clicked
+
+
+def _best_first(first, iou: torch.Tensor, k: int) -> list:
+    """The k (index, head, box) of a first decode with the best iou x ellipse-likeness of their head, best first."""
+    return sorted(first, key=lambda c: -float(iou[c[0], 0]) * ellipse_likeness(c[1]))[:k]
+
+
+def _reprompted(predictor: "SamPredictor", emb: "ImageEmbedding", first, iou: torch.Tensor, sources,
+                centre) -> list:
+    """Each (index, head, box) of a first decode (``iou`` its scores) re-prompted with its box, in one batch, as
+    :class:`Candidate` s in the same order."""
+    ch, cw = predictor.low_res_hw(emb)
     logits2, iou2 = predictor.decode(emb, boxes=np.array([c[2] for c in first]))
     low2 = (logits2[:, 0, :ch, :cw] > 0).cpu().numpy()
-    cands = []
-    for j, (i, head, _) in enumerate(first):
-        source = ("box_search" if i >= n_loc else
-                  "skull_ring" if ring is not None and i == n_loc - 1 else "localiser")
-        cands.append(Candidate(source, head, low2[j], logits2[j : j + 1], iou2[j : j + 1], float(iou[i, 0]),
-                               centre[0]))
-    return loc, cands, ring, clicked
+    return [Candidate(src, head, low2[j], logits2[j : j + 1], iou2[j : j + 1], float(iou[i, 0]), centre)
+            for j, ((i, head, _), src) in enumerate(zip(first, sources))]
+
+
+def search_choice(searched: Sequence[Candidate]) -> Candidate:
+    """What :func:`search` answers among box-search candidates ordered best first by their first decode: the best
+    re-prompted score among the first REFINE_TOP_K."""
+    return max(searched[:REFINE_TOP_K], key=lambda c: c.score)
 
 
 def rebox(predictor: "SamPredictor", emb: "ImageEmbedding", pred: "Prediction", fg=None) -> "Prediction":
@@ -246,17 +263,11 @@ def search(predictor: "SamPredictor", emb: "ImageEmbedding", centres, prompt: Pr
 
     logits, iou = predictor.decode(emb, boxes=np.array(boxes))
     low = (logits[:, 0, :ch, :cw] > 0).cpu().numpy()
-    # (stage-1 score, head component, refined box)
-    cands = [(float(iou[i, 0]) * ellipse_likeness(head), head, box)
-             for i, head, box in _heads_with_boxes(low, fg, bg, to_low, h, w)]
-    if not cands:
+    first = _best_first(_heads_with_boxes(low, fg, bg, to_low, h, w), iou, REFINE_TOP_K)
+    if not first:
         return predictor.empty(emb)
-    cands = sorted(cands, key=lambda c: -c[0])[:REFINE_TOP_K]
-    logits2, iou2 = predictor.decode(emb, boxes=np.array([c[2] for c in cands]))
-    low2 = (logits2[:, 0, :ch, :cw] > 0).cpu().numpy()
-    scores = [float(iou2[i, 0]) * _dice(c[1], low2[i]) * ellipse_likeness(low2[i]) for i, c in enumerate(cands)]
-    best = int(np.argmax(scores))
-    return predictor.finish(emb, logits2[best : best + 1], iou2[best : best + 1])
+    best = search_choice(_reprompted(predictor, emb, first, iou, ["box_search"] * len(first), None))
+    return predictor.finish(emb, best.logits, best.iou)
 
 
 def boxes_around(centres, scales, h: int, w: int) -> list:

@@ -101,10 +101,15 @@ class ServedModel:
             self._predictor.clear_cache()
 
 
+def meta_path(model_dir: str) -> str:
+    """Where :func:`save_finetuned` writes a checkpoint's metadata (JSON beside it)."""
+    return os.path.join(model_dir, FINETUNED_NAME.replace(".pt", ".json"))
+
+
 def save_finetuned(net: torch.nn.Module, model_type: str, model_dir: str, meta: dict) -> str:
     """Atomically write a fine-tuned checkpoint (and its metadata as JSON beside it)."""
     target = os.path.join(model_dir, FINETUNED_NAME)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     atomic_torch_save({"model_type": model_type, "state_dict": state, "meta": json.dumps(meta)}, target)
-    atomic_json(meta, target.replace(".pt", ".json"), indent=2)
+    atomic_json(meta, meta_path(model_dir), indent=2)
     return target

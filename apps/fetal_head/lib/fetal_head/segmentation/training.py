@@ -800,9 +800,8 @@ def fit_head_verifier(predictor: SamPredictor, items: Sequence[LabelledImage], c
         if found is None:
             continue
         ref = low_res_target(predictor, emb, mask)[0, 0].cpu().numpy() > 0.5
-        for c in found[1]:
-            x.append(c.features(emb))
-            y.append(box_search._dice(c.mask, ref) >= POSITIVE_DICE)
+        x.extend(box_search.verifier_inputs(emb, found[1]))
+        y.extend(box_search._dice(c.mask, ref) >= POSITIVE_DICE for c in found[1])
     net = fit_verifier(np.array(x), np.array(y), len(real)) if x else None
     record = {"labels": len(real), "candidates": len(y), "heads": int(np.sum(y)), "attached": net is not None,
               "seconds": round(time.time() - t0, 1)}

@@ -45,21 +45,24 @@ def pooled(features: torch.Tensor, weight: np.ndarray) -> torch.Tensor:
     return (features * wgt).sum((1, 2)) / s
 
 
-def candidate_features(features: torch.Tensor, mask: np.ndarray, scores) -> np.ndarray:
-    """One candidate's inputs: ``features`` the image embedding (1, C, 64, 64), ``mask`` (ch, cw) bool at the
-    decoder's low resolution, ``scores`` the decoder's (first IoU, re-prompted IoU, stability, ellipse-likeness)."""
-    ch, cw = mask.shape
+def candidate_features(features: torch.Tensor, masks, scores) -> np.ndarray:
+    """The inputs (N, D) of one image's N candidates: ``features`` the image embedding (1, C, 64, 64), ``masks`` N
+    (ch, cw) bool masks at the decoder's low resolution, ``scores`` N tuples of the decoder's (first IoU, re-prompted
+    IoU, stability, ellipse-likeness). The embedding's CPU copy and whole-frame mean are per image: taken once."""
+    ch, cw = masks[0].shape
     feat = features[0, :, : (ch + 3) // 4, : (cw + 3) // 4].float().cpu()
-    whole = pooled(feat, np.ones_like(mask))
-    r = np.sqrt(mask.sum() / np.pi)
-    band = max(2.0, BAND * r)
-    d_in = ndimage.distance_transform_edt(mask)
-    d_out = ndimage.distance_transform_edt(~mask)
-    parts = [pooled(feat, mask) - whole, pooled(feat, (d_out > 0) & (d_out <= band)) - whole,
-             pooled(feat, (d_in > 0) & (d_in <= band)) - whole]
-    iou1, iou2, stab, ell = scores
-    extra = torch.tensor([iou2, stab, ell, float(mask.mean()), iou1])
-    return torch.cat(parts + [extra]).numpy().astype(np.float32)
+    whole = pooled(feat, np.ones((ch, cw), dtype=bool))
+    rows = []
+    for mask, (iou1, iou2, stab, ell) in zip(masks, scores):
+        r = np.sqrt(mask.sum() / np.pi)
+        band = max(2.0, BAND * r)
+        d_in = ndimage.distance_transform_edt(mask)
+        d_out = ndimage.distance_transform_edt(~mask)
+        parts = [pooled(feat, mask) - whole, pooled(feat, (d_out > 0) & (d_out <= band)) - whole,
+                 pooled(feat, (d_in > 0) & (d_in <= band)) - whole]
+        extra = torch.tensor([iou2, stab, ell, float(mask.mean()), iou1])
+        rows.append(torch.cat(parts + [extra]).numpy().astype(np.float32))
+    return np.stack(rows)
 
 
 class HeadVerifier(nn.Module):
