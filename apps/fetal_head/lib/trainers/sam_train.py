@@ -11,8 +11,9 @@ Request options (MONAI Label names where they exist): ``max_epochs``, ``train_ba
 ``multi_gpu``, ``gpus`` (data-parallel over those GPUs, DDP, as MONAI Label's BasicTrainTask: one process per
 GPU through ``torch.multiprocessing.spawn``); and ``learning_rate``, ``max_real_labels`` (0 = all),
 ``synthetic_share``, ``train_encoder`` ("frozen", "lora", "full"), ``automatic_head`` (old name
-``prompt_free_head``), ``localiser`` (the head localiser, default on), ``flip``, ``seed``, ``world_size`` (DDP processes
-without GPUs: gloo on CPU). Every option is parsed and range-checked by ``lib.trainers.options`` before a job starts.
+``prompt_free_head``), ``localiser`` (the head localiser, default on), ``head_verifier`` (default on) and
+``verifier_gate`` (its cross-validated check from 10 labels, default on), ``flip``, ``seed``, ``world_size`` (DDP
+processes without GPUs: gloo on CPU). Every option is parsed and range-checked by ``lib.trainers.options`` before a job starts.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ OPTIONS = {
     "learning_rate": (parse_float, 1e-12, 1.0), "weight_decay": (parse_float, 0.0, 10.0),
     "val_split": (parse_float, 0.0, 0.99), "synthetic_share": (parse_float, 0.0, 0.99),
     "flip": (parse_bool, None, None), "automatic_head": (parse_bool, None, None), "localiser": (parse_bool, None, None),
-    "head_verifier": (parse_bool, None, None),
+    "head_verifier": (parse_bool, None, None), "verifier_gate": (parse_bool, None, None),
 }
 LEGACY_NAMES = {"prompt_free_head": "automatic_head"}  # still accepted from older clients and scripts
 

@@ -47,7 +47,9 @@ Design decisions:
 - The head verifier (:mod:`.verifier`, ``head_verifier=True``): once a localiser serves, a logistic regression is
   fitted on the candidates the localised route decodes on (up to ``verifier_max_labels`` of) the labelled images,
   each marked head / not head by its Dice with the label (:func:`fit_head_verifier`); automatic answers then weigh
-  every candidate by its probability of being the head. A stale verifier (an older decoder's) is dropped first.
+  every candidate by its probability of being the head. A stale verifier (an older decoder's) is dropped first. From
+  ``min_labels_for_validation`` labels on it is attached only if, cross-validated on those labels, it chooses no
+  worse than the decoder's scores alone (``verifier_gate``); below that the fixed recipe attaches it.
 - Loss: MONAI's DiceCELoss (sigmoid) on the decoders' low-resolution logits (the part covering the image)
   against the label resized to that grid; validation: MONAI's DiceMetric at the image's full resolution.
 """
@@ -118,6 +120,7 @@ class TrainConfig:
     # the head verifier: ~5 s per label on a 2-core CPU (the localised route's ~40 decoder calls per image)
     head_verifier: bool = True
     verifier_max_labels: int = 40
+    verifier_gate: bool = True  # from min_labels_for_validation labels: attach only if it chooses no worse (CV)
 
 
 @dataclass
@@ -782,15 +785,17 @@ def fit_localiser(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: 
 # ---- the head verifier -----------------------------------------------------------------------------------------
 def fit_head_verifier(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: TrainConfig, cache_dir: str) -> dict:
     """Fit the head verifier on the localised route's candidates of (a seeded draw of up to
-    ``cfg.verifier_max_labels``) real labels, with the model's current decoder and localiser, and attach it.
-    Returns the record for the summary."""
-    from .verifier import POSITIVE_DICE, fit_verifier
+    ``cfg.verifier_max_labels``) real labels, with the model's current decoder and localiser, and attach it. From
+    ``cfg.min_labels_for_validation`` labels on (with ``cfg.verifier_gate``), only if it does not choose worse than the
+    decoder's scores alone, cross-validated on those labels (:func:`.verifier.cross_validate`: the candidates are
+    already decoded, so the check costs only the folds' fits). Returns the record for the summary."""
+    from .verifier import POSITIVE_DICE, cross_validate, fit_verifier
 
     t0 = time.time()
     real = [i for i in items if not i.synthetic]
     real = [real[k] for k in np.random.default_rng(cfg.seed).permutation(len(real))[: cfg.verifier_max_labels]]
     cache = EmbeddingCache(cache_dir, predictor)
-    x, y = [], []
+    groups = []  # per image: (inputs, Dice with the label, decoder score) of each candidate
     for it in tqdm(real, desc="head verifier", unit="image", mininterval=5):
         image, mask = read_image(it.image_path), read_mask(it.label_path)
         if not mask.any():
@@ -800,15 +805,32 @@ def fit_head_verifier(predictor: SamPredictor, items: Sequence[LabelledImage], c
         if found is None:
             continue
         ref = low_res_target(predictor, emb, mask)[0, 0].cpu().numpy() > 0.5
-        x.extend(box_search.verifier_inputs(emb, found[1]))
-        y.extend(box_search._dice(c.mask, ref) >= POSITIVE_DICE for c in found[1])
-    net = fit_verifier(np.array(x), np.array(y), len(real)) if x else None
-    record = {"labels": len(real), "candidates": len(y), "heads": int(np.sum(y)), "attached": net is not None,
-              "seconds": round(time.time() - t0, 1)}
+        groups.append((box_search.verifier_inputs(emb, found[1]),
+                       np.array([box_search._dice(c.mask, ref) for c in found[1]]),
+                       np.array([c.score for c in found[1]])))
+    y = np.concatenate([g[1] for g in groups]) >= POSITIVE_DICE if groups else np.zeros(0, bool)
+    net = fit_verifier(np.concatenate([g[0] for g in groups]), y, len(real)) if groups else None
+    record = {"labels": len(real), "candidates": len(y), "heads": int(np.sum(y)), "cv": None, "gate_passed": None}
+    reason = "fitted" if net is not None else "NOT fitted (needs 2 heads and 2 others)"
+    cv = cross_validate(groups, cfg.localiser_folds, cfg.seed) if net is not None and len(groups) >= 3 else None
+    if cv is not None:  # reported at every N (cheap: the candidates are decoded already), a gate from min_labels
+        record["cv"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in cv.items()}
+        reason += (f"; cross-validated choice Dice {cv['with_verifier']:.4f} with it vs {cv['without']:.4f} without "
+                   f"on {cv['images']} labels")
+    if net is not None and cfg.verifier_gate and len(groups) >= max(cfg.min_labels_for_validation, 2):
+        record["gate_passed"] = cv is not None and cv["with_verifier"] >= cv["without"]
+        if not record["gate_passed"]:
+            net = None
+            reason = "NOT attached: " + ("no cross-validation fold could fit one" if cv is None else
+                                         "it chose worse than the decoder's scores alone" + reason[len("fitted"):])
+    elif net is not None and len(groups) < max(cfg.min_labels_for_validation, 2):
+        reason += (f" (reported, not a gate, below {max(cfg.min_labels_for_validation, 2)} labels: each fold is "
+                   "fitted on a handful of them)")
+    record.update(attached=net is not None, reason=reason, seconds=round(time.time() - t0, 1))
     if net is not None:
         setattr(predictor.model, HEAD_VERIFIER, net.to(predictor.device))
-    logger.info(f"head verifier {'fitted on' if net is not None else 'NOT fitted (needs 2 heads and 2 others) on'} "
-                f"{record['candidates']} candidates of {record['labels']} labels ({record['heads']} heads)")
+    logger.info(f"head verifier {reason} ({record['candidates']} candidates of {record['labels']} labels, "
+                f"{record['heads']} heads)")
     return record
 
 

@@ -112,3 +112,29 @@ def fit_verifier(x: np.ndarray, y: np.ndarray, labels: int, c: float = L2) -> Op
     for p in net.parameters():
         p.requires_grad_(False)
     return net
+
+
+def cross_validate(groups, folds: int, seed: int = 0, c: float = L2) -> Optional[dict]:
+    """Does the verifier choose better than the decoder's own scores on labels it was not fitted on? ``groups``: per
+    labelled image, (inputs (n, D), each candidate's Dice with the label (n,), its decoder score (n,)). Each fold's
+    images are held out in turn; the rest fit a verifier; on the held-out images the candidate with the best score x
+    probability is compared with the best score alone. The mean Dice of both choices, or None when no fold could
+    fit one (too few heads or others)."""
+    order = np.random.default_rng(seed).permutation(len(groups))
+    with_v, without = [], []
+    for k in range(folds):
+        held = set(order[k::folds].tolist())
+        fit = [g for i, g in enumerate(groups) if i not in held]
+        if not held or not fit:
+            continue
+        net = fit_verifier(np.concatenate([g[0] for g in fit]), np.concatenate([g[1] >= POSITIVE_DICE for g in fit]),
+                           len(fit), c)
+        if net is None:
+            continue
+        for i in held:
+            x, dice, score = groups[i]
+            with_v.append(dice[int(np.argmax(score * net.probability(x)))])
+            without.append(dice[int(np.argmax(score))])
+    if not with_v:
+        return None
+    return {"with_verifier": float(np.mean(with_v)), "without": float(np.mean(without)), "images": len(with_v)}
