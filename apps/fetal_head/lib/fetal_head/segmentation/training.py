@@ -49,7 +49,8 @@ Design decisions:
   each marked head / not head by its Dice with the label (:func:`fit_head_verifier`); automatic answers then weigh
   every candidate by its probability of being the head. A stale verifier (an older decoder's) is dropped first. From
   ``min_labels_for_validation`` labels on it is attached only if, cross-validated on those labels, it chooses no
-  worse than the decoder's scores alone (``verifier_gate``); below that the fixed recipe attaches it.
+  worse than the decoder's scores alone, within one point of Dice (``verifier_gate``); below that the fixed recipe
+  attaches it.
 - Loss: MONAI's DiceCELoss (sigmoid) on the decoders' low-resolution logits (the part covering the image)
   against the label resized to that grid; validation: MONAI's DiceMetric at the image's full resolution.
 """
@@ -120,7 +121,8 @@ class TrainConfig:
     # the head verifier: ~5 s per label on a 2-core CPU (the localised route's ~40 decoder calls per image)
     head_verifier: bool = True
     verifier_max_labels: int = 40
-    verifier_gate: bool = True  # from min_labels_for_validation labels: attach only if it chooses no worse (CV)
+    verifier_gate: bool = True  # from min_labels_for_validation labels: attach only if it chooses no worse (CV,
+    # within verifier.GATE_MARGIN)
 
 
 @dataclass
@@ -787,9 +789,10 @@ def fit_head_verifier(predictor: SamPredictor, items: Sequence[LabelledImage], c
     """Fit the head verifier on the localised route's candidates of (a seeded draw of up to
     ``cfg.verifier_max_labels``) real labels, with the model's current decoder and localiser, and attach it. From
     ``cfg.min_labels_for_validation`` labels on (with ``cfg.verifier_gate``), only if it does not choose worse than the
-    decoder's scores alone, cross-validated on those labels (:func:`.verifier.cross_validate`: the candidates are
-    already decoded, so the check costs only the folds' fits). Returns the record for the summary."""
-    from .verifier import POSITIVE_DICE, cross_validate, fit_verifier
+    decoder's scores alone (by more than ``GATE_MARGIN``), cross-validated on those labels
+    (:func:`.verifier.cross_validate`: the candidates are already decoded, so the check costs only the folds' fits).
+    Returns the record for the summary."""
+    from .verifier import GATE_MARGIN, POSITIVE_DICE, cross_validate, fit_verifier
 
     t0 = time.time()
     real = [i for i in items if not i.synthetic]
@@ -818,11 +821,12 @@ def fit_head_verifier(predictor: SamPredictor, items: Sequence[LabelledImage], c
         reason += (f"; cross-validated choice Dice {cv['with_verifier']:.4f} with it vs {cv['without']:.4f} without "
                    f"on {cv['images']} labels")
     if net is not None and cfg.verifier_gate and len(groups) >= max(cfg.min_labels_for_validation, 2):
-        record["gate_passed"] = cv is not None and cv["with_verifier"] >= cv["without"]
+        record["gate_passed"] = cv is not None and cv["with_verifier"] >= cv["without"] - GATE_MARGIN
         if not record["gate_passed"]:
             net = None
             reason = "NOT attached: " + ("no cross-validation fold could fit one" if cv is None else
-                                         "it chose worse than the decoder's scores alone" + reason[len("fitted"):])
+                                         f"it chose more than {GATE_MARGIN:.2f} worse than the decoder's scores alone"
+                                         + reason[len("fitted"):])
     elif net is not None and len(groups) < max(cfg.min_labels_for_validation, 2):
         reason += (f" (reported, not a gate, below {max(cfg.min_labels_for_validation, 2)} labels: each fold is "
                    "fitted on a handful of them)")
