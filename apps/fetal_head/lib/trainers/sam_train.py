@@ -13,7 +13,8 @@ GPU through ``torch.multiprocessing.spawn``); and ``learning_rate``, ``max_real_
 ``synthetic_share``, ``train_encoder`` ("frozen", "lora", "full"), ``automatic_head`` (old name
 ``prompt_free_head``), ``localiser`` (the head localiser, default on), ``head_verifier`` (default on) and
 ``verifier_gate`` (its cross-validated check from 10 labels, default on), ``flip``, ``seed``, ``world_size`` (DDP
-processes without GPUs: gloo on CPU). Every option is parsed and range-checked by ``lib.trainers.options`` before a job starts.
+processes without GPUs: gloo on CPU). Every option is parsed and range-checked by ``lib.trainers.options`` before a
+job starts.
 """
 
 from __future__ import annotations

@@ -1,36 +1,19 @@
 """Final-answer refinements on top of the served click / automatic answer: box-margin ensembles and the click added to
 the re-box prompt. usage: FETAL_HEAD_ENCODER_BF16=0 python refine_answer.py TAG SHARD NSHARDS [LIMIT] (a study script, not run by CI)"""
-import os, sys, json, pickle
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", ".."))
-import numpy as np, torch
-sys.path.insert(0, os.path.join(REPO, "apps", "fetal_head", "lib"))
-from fetal_head.evaluation.core import load_test_images, warm_embeddings
-from fetal_head.io.hc18 import read_cases
-from fetal_head.segmentation.embedding_cache import EmbeddingCache
-from fetal_head.segmentation.model_store import ModelSource
-from fetal_head.segmentation.models import LITEMEDSAM
-from fetal_head.segmentation.predictor import SamPredictor
-from fetal_head.segmentation import box_search as bs
-from fetal_head.segmentation.prompts import grow_box, mask_box
+import os
+import pickle
+import sys
+
+import numpy as np
 from tqdm import tqdm
 
-torch.set_num_threads(1)
-tag, shard, nsh = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-limit = int(sys.argv[4]) if len(sys.argv) > 4 else None
-work = os.environ.get("WORK", os.path.join(REPO, ".data", "eval_verif"))
-cases = read_cases(os.environ.get("HC18_DIR", os.path.join(REPO, "..", "shared", "data", "hc18")))
-sel = [c for c in cases if c.split == "test"][shard::nsh][:limit]
-holder = SamPredictor.litemedsam(version=LITEMEDSAM)
-cache = EmbeddingCache(os.path.join(REPO, ".data", "emb_cache"), holder)
-test = load_test_images(sel, seed=0)
-warm_embeddings(holder, test, cache)
-pred = ModelSource(model_dir=os.path.join(work, "models", tag)).load()
-pred.share_cache(holder); pred.cache_size = holder.cache_size
+from study_setup import REPO, load_cell
+from fetal_head.segmentation import box_search as bs
+from fetal_head.segmentation.prompts import grow_box, mask_box
+
+tag, shard, test, pred = load_cell(sys.argv[1:])
+dice = bs._dice
 pred.automatic_agreement = False
-
-
-def dice(a, b):
-    s = a.sum() + b.sum(); return float(2 * (a & b).sum() / s) if s else 0.0
 
 
 def variants(emb, served, fg, box=None):

@@ -814,22 +814,28 @@ def fit_head_verifier(predictor: SamPredictor, items: Sequence[LabelledImage], c
     y = np.concatenate([g[1] for g in groups]) >= POSITIVE_DICE if groups else np.zeros(0, bool)
     net = fit_verifier(np.concatenate([g[0] for g in groups]), y, len(real)) if groups else None
     record = {"labels": len(real), "candidates": len(y), "heads": int(np.sum(y)), "cv": None, "gate_passed": None}
-    reason = "fitted" if net is not None else "NOT fitted (needs 2 heads and 2 others)"
+    # cheap at every N (the candidates are decoded already); a gate only from min_labels_for_validation
     cv = cross_validate(groups, cfg.localiser_folds, cfg.seed) if net is not None and len(groups) >= 3 else None
-    if cv is not None:  # reported at every N (cheap: the candidates are decoded already), a gate from min_labels
+    cv_text = "" if cv is None else (f"; cross-validated choice Dice {cv['with_verifier']:.4f} with it vs "
+                                     f"{cv['without']:.4f} without on {cv['images']} labels")
+    if cv is not None:
         record["cv"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in cv.items()}
-        reason += (f"; cross-validated choice Dice {cv['with_verifier']:.4f} with it vs {cv['without']:.4f} without "
-                   f"on {cv['images']} labels")
-    if net is not None and cfg.verifier_gate and len(groups) >= max(cfg.min_labels_for_validation, 2):
+    min_labels = max(cfg.min_labels_for_validation, 2)
+    if net is None:
+        reason = "NOT fitted (needs 2 heads and 2 others)"
+    elif len(groups) < min_labels:
+        reason = f"fitted{cv_text} (reported, not a gate, below {min_labels} labels: each fold is fitted on a handful)"
+    elif not cfg.verifier_gate:
+        reason = f"fitted{cv_text} (gate off)"
+    else:
         record["gate_passed"] = cv is not None and cv["with_verifier"] >= cv["without"] - GATE_MARGIN
-        if not record["gate_passed"]:
+        if record["gate_passed"]:
+            reason = f"fitted{cv_text}"
+        else:
             net = None
-            reason = "NOT attached: " + ("no cross-validation fold could fit one" if cv is None else
-                                         f"it chose more than {GATE_MARGIN:.2f} worse than the decoder's scores alone"
-                                         + reason[len("fitted"):])
-    elif net is not None and len(groups) < max(cfg.min_labels_for_validation, 2):
-        reason += (f" (reported, not a gate, below {max(cfg.min_labels_for_validation, 2)} labels: each fold is "
-                   "fitted on a handful of them)")
+            reason = ("NOT attached: no cross-validation fold could fit one" if cv is None else
+                      f"NOT attached: it chose more than {GATE_MARGIN:.2f} worse than the decoder's scores alone"
+                      f"{cv_text}")
     record.update(attached=net is not None, reason=reason, seconds=round(time.time() - t0, 1))
     if net is not None:
         setattr(predictor.model, HEAD_VERIFIER, net.to(predictor.device))
