@@ -90,6 +90,19 @@ def test_click_selects_and_background_click_removes(trained, samples):
     assert L.localise(trained, feat, mask.shape, hw, bg=inside).box != loc.box
 
 
+def test_other_peaks_are_the_next_centre_maxima_on_the_head_map_away_from_the_chosen_centre():
+    """The automatic route also decodes around the localiser's next centre peak (small heads whose strongest peak
+    sat on another structure): a peak on the head map, off the frame's border, away from the chosen centre."""
+    yy, xx = np.mgrid[:100, :120]
+    bump = lambda x, y, v: v * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 50.0)
+    centre = bump(30, 40, 0.6) + bump(80, 50, 0.4) + bump(42, 52, 0.5) + bump(118, 98, 0.9) + bump(60, 90, 0.45)
+    head = np.zeros((100, 120))
+    head[20:70, 10:100] = 0.9  # (60, 90) lies off the head map, (118, 98) on the frame's border
+    assert L.other_peaks(head, centre, (30, 40), 2.0, 3.0) == ((80.5 * 2.0, 50.5 * 3.0),)
+    assert L.other_peaks(head, centre, (30, 40), 1.0, 1.0, k=3) == ((80.5, 50.5),)  # (42, 52): too near
+    assert L.other_peaks(head, centre, (80, 50), 1.0, 1.0) == ((30.5, 40.5),)
+
+
 def test_checkpoint_carries_the_localiser_and_old_ones_still_load(trained, tmp_path):
     net = build_model(LITEMEDSAM)
     setattr(net, LOCALISER, trained)
@@ -118,7 +131,7 @@ def test_automatic_and_click_answers_come_from_the_localiser_with_confidence(pre
             assert pred.confidence["source"] == "localiser"
             assert 0.0 <= pred.confidence["localiser_score"] <= 1.0
             assert ("box_search_agreement" in pred.confidence) == (i < 2) and "localiser_decoder_dice" in pred.confidence
-            assert pred.confidence["chosen_candidate"] in ("localiser", "skull_ring")
+            assert pred.confidence["chosen_candidate"] in ("localiser", "skull_ring", "localiser_peak")
             assert pred.confidence["skull_ring_support"] is None or 0 < pred.confidence["skull_ring_support"] <= 1
             scores.append(dice(pred.mask, mask))
             rows, cols = np.nonzero(mask)
@@ -323,7 +336,7 @@ def test_automatic_answers_weigh_candidates_by_the_verifier_and_report_it(predic
             conf = pred.confidence
             assert conf["source"] == "localiser" and 0.0 <= conf["head_probability"] <= 1.0, conf
             assert 0.0 <= conf["box_search_agreement"] <= 1.0  # from the candidates it decoded: no second search
-            assert conf["chosen_candidate"] in ("localiser", "skull_ring", "box_search")
+            assert conf["chosen_candidate"] in ("localiser", "skull_ring", "localiser_peak", "box_search")
             scores.append(dice(pred.mask, mask))
     finally:
         delattr(predictor.model, LOCALISER)

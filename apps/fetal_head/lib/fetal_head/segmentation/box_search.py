@@ -85,8 +85,8 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     """The localiser says *where* the head is (its centre was inside the true head box on 40 of 40 test images
     after 5 labels) more reliably than *how far* it extends (its thresholded map over-reaches: median box area
     1.7x the true one, and the box decoder fed that box scored 0.70-0.74 Dice). So: candidate boxes of several
-    sizes (plus the localiser's own box) centred on the localiser's head (or the foreground click) are decoded in
-    one batch, each candidate's component holding the centre is re-prompted with its own box plus a margin, and
+    sizes (plus the localiser's own box) centred on the localiser's head (or the foreground click), and without a
+    click also around its next centre peak (:data:`.localiser.OTHER_PEAKS`), are decoded in one batch, each candidate's component holding the centre is re-prompted with its own box plus a margin, and
     the answer that is confident (predicted IoU), stable under that re-prompt and ellipse-shaped wins (its agreement
     with the localiser's soft head map is reported in ``confidence``). With the ``image``, the skull ring around
     that centre (:mod:`.skull_ring`) adds one more candidate box. With a trained head verifier (:mod:`.verifier`)
@@ -141,7 +141,7 @@ class Candidate:
     """One re-prompted candidate answer of :func:`localised_candidates`."""
 
     def __init__(self, source, head, mask, logits, iou, first_iou, centre):
-        self.source = source  # "localiser", "skull_ring" or "box_search"
+        self.source = source  # "localiser", "skull_ring", "localiser_peak" or "box_search"
         self.head = head  # (ch, cw) bool: the first decode's head component
         self.mask = mask  # (ch, cw) bool: the re-prompted answer at low resolution
         self.logits, self.iou = logits, iou  # (1, 1, 256, 256), (1, 1): what finish() takes
@@ -189,6 +189,10 @@ def localised_candidates(predictor: "SamPredictor", emb: "ImageEmbedding", promp
     if ring is not None:
         boxes.append(ring.box(AUTOMATIC_MARGIN_PX, h, w))
     n_loc = len(boxes)
+    peaks = () if clicked else loc.other_peaks
+    for p in peaks:
+        boxes += boxes_around([p], LOCALISED_SCALES, h, w)
+    n_peak = len(boxes)
     if search_too:
         boxes += boxes_around(image_centres(h, w), SEARCH_SCALES, h, w)
     ch, cw = predictor.low_res_hw(emb)
@@ -198,15 +202,21 @@ def localised_candidates(predictor: "SamPredictor", emb: "ImageEmbedding", promp
 
     logits, iou = predictor.decode(emb, boxes=np.array(boxes))
     low = (logits[:, 0, :ch, :cw] > 0).cpu().numpy()
-    # (index in boxes, head, re-prompt box): the localiser's candidates keep the component holding its centre,
-    # the box search's their largest (as :func:`search` does)
+    # (index in boxes, head, re-prompt box): the localiser's candidates keep the component holding its centre (a
+    # peak's candidates the one holding that peak), the box search's their largest (as :func:`search` does)
     first = _heads_with_boxes(low[:n_loc], centre, bg_low, to_low, h, w)
-    searched = [(n_loc + i, head, box) for i, head, box in _heads_with_boxes(low[n_loc:], None, bg_low, to_low, h, w)]
-    first += _best_first(searched, iou, SEARCH_TOP_K)
+    sources = ["skull_ring" if ring is not None and i == n_loc - 1 else "localiser" for i, _, _ in first]
+    for k, p in enumerate(peaks):
+        at = n_loc + k * len(LOCALISED_SCALES)
+        got = _heads_with_boxes(low[at : at + len(LOCALISED_SCALES)], np.array([p]) * to_low, bg_low, to_low, h, w)
+        first += [(at + i, head, box) for i, head, box in got]
+        sources += ["localiser_peak"] * len(got)
+    searched = [(n_peak + i, head, box) for i, head, box in _heads_with_boxes(low[n_peak:], None, bg_low, to_low, h, w)]
+    top = _best_first(searched, iou, SEARCH_TOP_K)
+    first += top
+    sources += ["box_search"] * len(top)
     if not first:
         return None
-    sources = ["box_search" if i >= n_loc else "skull_ring" if ring is not None and i == n_loc - 1 else "localiser"
-               for i, _, _ in first]
     return loc, _reprompted(predictor, emb, first, iou, sources, centre[0]), ring, clicked
 
 
