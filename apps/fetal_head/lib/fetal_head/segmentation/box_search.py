@@ -86,7 +86,8 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     after 5 labels) more reliably than *how far* it extends (its thresholded map over-reaches: median box area
     1.7x the true one, and the box decoder fed that box scored 0.70-0.74 Dice). So: candidate boxes of several
     sizes (plus the localiser's own box) centred on the localiser's head (or the foreground click), and without a
-    click also around its next centre peak (:data:`.localiser.OTHER_PEAKS`), are decoded in one batch, each candidate's component holding the centre is re-prompted with its own box plus a margin, and
+    click also around its next centre peak (:data:`.localiser.OTHER_PEAKS`), are decoded in one batch, each
+    candidate's component holding the centre is re-prompted with its own box plus a margin, and
     the answer that is confident (predicted IoU), stable under that re-prompt and ellipse-shaped wins (its agreement
     with the localiser's soft head map is reported in ``confidence``). With the ``image``, the skull ring around
     that centre (:mod:`.skull_ring`) adds one more candidate box. With a trained head verifier (:mod:`.verifier`)
@@ -176,9 +177,7 @@ def localised_candidates(predictor: "SamPredictor", emb: "ImageEmbedding", promp
     loc = localise(predictor.localiser, emb.features, (h, w), emb.input_hw, fg, bg)
     if loc.box is None:
         return None
-    rows, cols = np.nonzero(loc.coarse_mask)
-    nh, nw = emb.input_hw
-    cx, cy = (cols.mean() + 0.5) * w / nw, (rows.mean() + 0.5) * h / nh
+    cx, cy = loc.centre
     clicked = fg is not None and len(fg) > 0
     if clicked:
         cx, cy = fg.mean(axis=0)
@@ -189,7 +188,7 @@ def localised_candidates(predictor: "SamPredictor", emb: "ImageEmbedding", promp
     if ring is not None:
         boxes.append(ring.box(AUTOMATIC_MARGIN_PX, h, w))
     n_loc = len(boxes)
-    peaks = () if clicked else loc.other_peaks
+    peaks = loc.other_peaks  # none with a click
     for p in peaks:
         boxes += boxes_around([p], LOCALISED_SCALES, h, w)
     n_peak = len(boxes)

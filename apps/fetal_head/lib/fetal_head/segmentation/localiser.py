@@ -97,6 +97,7 @@ class Localisation:
     candidates: int  # head components found
     prob_map: Optional[np.ndarray] = None  # (nh, nw) head probability restricted to the chosen component
     other_peaks: Tuple[Tuple[float, float], ...] = ()  # (x, y) image pixels: the next centre peaks (see OTHER_PEAKS)
+    centre: Optional[Tuple[float, float]] = None  # (x, y) image pixels: the chosen component's centroid
 
 
 def grid_hw(input_hw: Tuple[int, int], stride: int = GRID_STRIDE) -> Tuple[int, int]:
@@ -267,10 +268,12 @@ def localise(net: Localiser, features: torch.Tensor, original_hw: Tuple[int, int
     box = (cols.min() * sx, rows.min() * sy, min((cols.max() + 1) * sx - 1, w - 1.0), min((rows.max() + 1) * sy - 1, h - 1.0))
     head_prob = float(head_p[region].mean())
     centre_prob = float(centre_p[region].max())
+    centre = (cols.mean() + 0.5, rows.mean() + 0.5)  # model-input pixels
     peaks = ()
     if fg is None or not len(fg):  # a click already says where the head is
-        peaks = other_peaks(head_p, centre_p, (cols.mean() + 0.5, rows.mean() + 0.5), sx, sy, OTHER_PEAKS)
-    return Localisation(box, head_prob * centre_prob, head_prob, centre_prob, region, n, head_p * region, peaks)
+        peaks = other_peaks(head_p, centre_p, centre, sx, sy, OTHER_PEAKS)
+    return Localisation(box, head_prob * centre_prob, head_prob, centre_prob, region, n, head_p * region, peaks,
+                        (centre[0] * sx, centre[1] * sy))
 
 
 def other_peaks(head_p: np.ndarray, centre_p: np.ndarray, chosen, sx: float, sy: float, k: int = OTHER_PEAKS):
