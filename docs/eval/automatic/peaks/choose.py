@@ -6,14 +6,11 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..",
 sys.path.insert(0, os.path.join(REPO, "apps", "fetal_head", "lib"))
 from fetal_head.segmentation.verifier import fit_verifier, POSITIVE_DICE
 torch.set_num_threads(1)
-PFX = sys.argv[1] if len(sys.argv) > 1 else "p2_n20_s0_loc_nogate"
-def load(split):
+def load(split, pfx):
     out = []
-    for f in sorted(glob.glob(os.path.join(REPO, ".data", "peaks", f"{PFX}_{split}_*.pkl"))):
+    for f in sorted(glob.glob(os.path.join(REPO, ".data", "peaks", f"{pfx}_{split}_*.pkl"))):
         out += pickle.load(open(f, "rb"))
     return out
-L, T = load("labels"), load("test")
-print(len(L), "labels", len(T), "test")
 def sub(recs, keep):
     out = []
     for r in recs:
@@ -21,7 +18,7 @@ def sub(recs, keep):
             out.append(r); continue
         idx = [i for i, s in enumerate(r["src"]) if keep(s)]
         q = dict(r); q["n"] = len(idx)
-        for k in ("X", "dlow", "score", "dfull"):
+        for k in ("X", "dlow", "score", "dfull", "masks"):
             if len(r[k]): q[k] = r[k][idx]
         q["src"] = [r["src"][i] for i in idx]
         out.append(q)
@@ -54,13 +51,17 @@ def fit_listwise(recs, c=0.1, tol=0.02):
 def evaluate(f, recs, key="dfull"):
     return np.array([r[key][int(np.argmax(f(r)))] if r["n"] else 0.0 for r in recs])
 def fmt(d): return f"{100*d.mean():6.2f}  <0.8: {(d<0.8).sum():3d}"
-sets = {"base": lambda s: not s.startswith("peak"), "peaks": lambda s: True,
-        "peak0 only": lambda s: s != "peak1"}
-for name, keep in sets.items():
-    Ls, Ts = sub(L, keep), sub(T, keep)
-    print(f"--- {name}: {np.mean([r['n'] for r in Ts]):.1f} candidates/image")
-    print("  score only ", fmt(evaluate(lambda r: r["score"], Ts)))
-    print("  LR verifier", fmt(evaluate(fit_lr(Ls), Ts)))
-    for c in (0.03, 0.1, 0.3):
-        print(f"  listwise c={c}", fmt(evaluate(fit_listwise(Ls, c), Ts)))
-    print("  oracle     ", fmt(np.array([r["dfull"].max() if r["n"] else 0 for r in Ts])))
+if __name__ == "__main__":
+    PFX = sys.argv[1] if len(sys.argv) > 1 else "p2_n20_s0_loc_nogate"
+    L, T = load("labels", PFX), load("test", PFX)
+    print(len(L), "labels", len(T), "test")
+    sets = {"base": lambda s: not s.startswith("peak"), "peaks": lambda s: True,
+            "peak0 only": lambda s: s != "peak1"}
+    for name, keep in sets.items():
+        Ls, Ts = sub(L, keep), sub(T, keep)
+        print(f"--- {name}: {np.mean([r['n'] for r in Ts]):.1f} candidates/image")
+        print("  score only ", fmt(evaluate(lambda r: r["score"], Ts)))
+        print("  LR verifier", fmt(evaluate(fit_lr(Ls), Ts)))
+        for c in (0.03, 0.1, 0.3):
+            print(f"  listwise c={c}", fmt(evaluate(fit_listwise(Ls, c), Ts)))
+        print("  oracle     ", fmt(np.array([r["dfull"].max() if r["n"] else 0 for r in Ts])))

@@ -726,6 +726,18 @@ def cross_validate_route(predictor: SamPredictor, samples, lcfg: LocaliserConfig
     return out
 
 
+def unchecked_because(labels: int, cfg: TrainConfig, gate: bool, option: str) -> Optional[str]:
+    """Why a part fitted on ``labels`` real labels (the localiser, the head verifier) is attached without its
+    cross-validated check, or None when the check decides: below ``cfg.min_labels_for_validation`` labels (at least
+    2) each fold is fitted on a handful, so the fixed recipe decides; or ``option`` turned the gate off."""
+    need = max(cfg.min_labels_for_validation, 2)
+    if labels < need:
+        return f"{labels} labels (< {need}): too few for a fair check, the fixed recipe attaches it"
+    if not gate:
+        return f"gate off ({option}=False): attached without the check"
+    return None
+
+
 def fit_localiser(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: TrainConfig, cache_dir: str) -> dict:
     """Train the localiser on every real label (fixed schedule) and attach it to ``predictor.model``. From
     ``cfg.min_labels_for_validation`` labels on, only if its cross-validated automatic Dice beats what the model
@@ -743,15 +755,10 @@ def fit_localiser(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: 
     if not samples:
         record.update(replaced=False, reason="no real labels")
         return record
-    if len(samples) < max(cfg.min_labels_for_validation, 2):
+    unchecked = unchecked_because(len(samples), cfg, cfg.localiser_gate, "localiser_gate")
+    if unchecked:
         record.update(cv_automatic_dice=None, gate_passed=None)
-        attach = True
-        reason = (f"{len(samples)} labels (< {max(cfg.min_labels_for_validation, 2)}): too few for a fair check, the "
-                  "fixed recipe attaches it")
-    elif not cfg.localiser_gate:
-        record.update(cv_automatic_dice=None, gate_passed=None)
-        attach = True
-        reason = "gate off (localiser_gate=False): attached without the check"
+        attach, reason = True, unchecked
     else:
         cv = cross_validate_route(predictor, samples, lcfg, cfg.localiser_folds, cfg.localiser_cv_limit)
         record["cv_automatic_dice"] = round(float(np.mean(cv)), 4) if cv else None
@@ -820,13 +827,11 @@ def fit_head_verifier(predictor: SamPredictor, items: Sequence[LabelledImage], c
                                      f"{cv['without']:.4f} without on {cv['images']} labels")
     if cv is not None:
         record["cv"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in cv.items()}
-    min_labels = max(cfg.min_labels_for_validation, 2)
+    unchecked = unchecked_because(len(groups), cfg, cfg.verifier_gate, "verifier_gate")
     if net is None:
         reason = "NOT fitted (needs 2 heads and 2 others)"
-    elif len(groups) < min_labels:
-        reason = f"fitted{cv_text} (reported, not a gate, below {min_labels} labels: each fold is fitted on a handful)"
-    elif not cfg.verifier_gate:
-        reason = f"fitted{cv_text} (gate off)"
+    elif unchecked:
+        reason = f"fitted{cv_text} (reported, not a gate: {unchecked})"
     else:
         record["gate_passed"] = cv is not None and cv["with_verifier"] >= cv["without"] - GATE_MARGIN
         if record["gate_passed"]:
