@@ -57,9 +57,9 @@ def main() -> None:
         ax.set_title(f"{t.case.image_id} (HC {hc:.0f} mm)\nautomatic {d_auto:.2f} ({chosen}), click {d_click:.2f}",
                      fontsize=8)
         ax.axis("off")
-    fig.suptitle(f"{args.cell}: the {len(test)} worst automatic answers.   green: reference, yellow dashed: "
-                 "automatic, red: one click at the centroid", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.suptitle(f"{args.cell}: the {len(test)} worst automatic answers\ngreen: reference, yellow dashed: automatic, "
+                 "red: one click at the centroid", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     fig.savefig(args.out, dpi=100)
     print("wrote", args.out)
 
