@@ -40,8 +40,12 @@ def main() -> None:
     cases = {c.image_id: c for c in read_cases(args.hc18)}
     test = load_test_images([cases[r["image"]] for r in worst])
     pred = ModelSource(model_dir=os.path.join(args.work_dir, "models", args.cell)).load()
-    fig, axes = plt.subplots(1, len(test), figsize=(3.6 * len(test), 3.4), squeeze=False)
-    for ax, t in zip(axes[0], test):
+    cols = min(len(test), 3)
+    rows_ = -(-len(test) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.4 * cols, 4.0 * rows_), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, t in zip(axes.flat, test):
         auto = pred.predict(t.image, t.prompt(AUTOMATIC))
         click = pred.predict(t.image, t.prompt("click"))
         px, hc = t.case.pixel_size_mm, t.case.hc_mm
@@ -53,13 +57,13 @@ def main() -> None:
             ax.contour(auto.mask, levels=[0.5], colors="yellow", linewidths=1.0, linestyles="--")
         if click.mask.any():
             ax.contour(click.mask, levels=[0.5], colors="red", linewidths=0.8)
-        chosen = (auto.confidence or {}).get("chosen_candidate", "-")
+        conf = auto.confidence or {}
+        chosen = conf.get("chosen_candidate") or conf.get("source", "-")  # no chosen_candidate: not the localiser
         ax.set_title(f"{t.case.image_id} (HC {hc:.0f} mm)\nautomatic {d_auto:.2f} ({chosen}), click {d_click:.2f}",
                      fontsize=8)
-        ax.axis("off")
     fig.suptitle(f"{args.cell}: the {len(test)} worst automatic answers\ngreen: reference, yellow dashed: automatic, "
                  "red: one click at the centroid", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    fig.tight_layout(rect=(0, 0, 1, 0.93), h_pad=2.5)
     fig.savefig(args.out, dpi=100)
     print("wrote", args.out)
 

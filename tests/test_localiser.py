@@ -91,16 +91,18 @@ def test_click_selects_and_background_click_removes(trained, samples):
 
 
 def test_other_peaks_are_the_next_centre_maxima_on_the_head_map_away_from_the_chosen_centre():
-    """The automatic route also decodes around the localiser's next centre peak (small heads whose strongest peak
-    sat on another structure): a peak on the head map, off the frame's border, away from the chosen centre."""
+    """With OTHER_PEAKS > 0 the automatic route also decodes around the localiser's next centre peaks (small heads
+    whose strongest peak sat on another structure): a peak on the head map, off the frame's border, away from the
+    chosen centre."""
     yy, xx = np.mgrid[:100, :120]
     bump = lambda x, y, v: v * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 50.0)
     centre = bump(30, 40, 0.6) + bump(80, 50, 0.4) + bump(42, 52, 0.5) + bump(118, 98, 0.9) + bump(60, 90, 0.45)
     head = np.zeros((100, 120))
     head[20:70, 10:100] = 0.9  # (60, 90) lies off the head map, (118, 98) on the frame's border
-    assert L.other_peaks(head, centre, (30, 40), 2.0, 3.0) == ((80.5 * 2.0, 50.5 * 3.0),)
+    assert L.other_peaks(head, centre, (30, 40), 2.0, 3.0, k=1) == ((80.5 * 2.0, 50.5 * 3.0),)
     assert L.other_peaks(head, centre, (30, 40), 1.0, 1.0, k=3) == ((80.5, 50.5),)  # (42, 52): too near
-    assert L.other_peaks(head, centre, (80, 50), 1.0, 1.0) == ((30.5, 40.5),)
+    assert L.other_peaks(head, centre, (80, 50), 1.0, 1.0, k=1) == ((30.5, 40.5),)
+    assert L.other_peaks(head, centre, (80, 50), 1.0, 1.0, k=0) == ()  # the served default (OTHER_PEAKS = 0)
 
 
 def test_checkpoint_carries_the_localiser_and_old_ones_still_load(trained, tmp_path):

@@ -41,12 +41,13 @@ from torch import nn
 
 GRID_STRIDE = 4  # model-input pixels per embedding cell (LiteMedSAM: 256 px input, 64 cells; SAM: 1024/64 = 16)
 # On small heads the strongest centre peak is often on another structure while the next one is on the head (20
-# labels, seed 0: 4 of the 11 test images where no candidate held the head). The automatic route also decodes boxes
-# around the next OTHER_PEAKS peaks: local maxima of the centre map where the head map is >= PEAK_MIN_HEAD_PROB, off
-# the frame's border, at least PEAK_MIN_DIST model-input pixels from the chosen centre and from each other. Paired
-# on the 157 test images (same model and verifier recipe): candidates' oracle 93.87 -> 94.49 %, the verifier's
-# choice 91.85 -> 92.37 % (docs/eval/automatic/peaks). One peak did as well as two.
-OTHER_PEAKS = 1
+# labels, seed 0: 4 of the 11 test images where no candidate held the head). With OTHER_PEAKS > 0 the automatic
+# route also decodes boxes around the next OTHER_PEAKS peaks: local maxima of the centre map where the head map is
+# >= PEAK_MIN_HEAD_PROB, off the frame's border, at least PEAK_MIN_DIST model-input pixels from the chosen centre
+# and from each other. Off: with one peak (docs/eval/automatic/peaks) the 157 test images gained +0.34 points on the
+# mean of six 5/20-label cells (per cell -0.36 to +1.86), 438 labels -0.08, the new-site simulation -1.22 / -0.12
+# points at 5 / 10 labels (images below 0.80: 12 -> 18), for +1.2-1.4 s an automatic request on a 2-core CPU.
+OTHER_PEAKS = 0
 PEAK_MIN_HEAD_PROB = 0.3
 PEAK_MIN_DIST = 20
 
