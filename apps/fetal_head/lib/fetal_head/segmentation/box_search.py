@@ -86,9 +86,9 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     after 5 labels) more reliably than *how far* it extends (its thresholded map over-reaches: median box area
     1.7x the true one, and the box decoder fed that box scored 0.70-0.74 Dice). So: candidate boxes of several
     sizes (plus the localiser's own box) centred on the localiser's head (or the foreground click), and without a
-    click also around its next centre peaks (:data:`.localiser.OTHER_PEAKS`, none by default), are decoded in one batch, each
-    candidate's component holding the centre is re-prompted with its own box plus a margin, and
-    the answer that is confident (predicted IoU), stable under that re-prompt and ellipse-shaped wins (its agreement
+    click also around its next centre peaks (:data:`.localiser.OTHER_PEAKS`, none by default), are decoded in one
+    batch, each candidate's component holding the centre is re-prompted with its own box plus a margin, and the
+    answer that is confident (predicted IoU), stable under that re-prompt and ellipse-shaped wins (its agreement
     with the localiser's soft head map is reported in ``confidence``). With the ``image``, the skull ring around
     that centre (:mod:`.skull_ring`) adds one more candidate box. With a trained head verifier (:mod:`.verifier`)
     and no click, the box search's best SEARCH_TOP_K candidates join in and each score is weighted by the
