@@ -280,6 +280,8 @@ def localise(net: Localiser, features: torch.Tensor, original_hw: Tuple[int, int
 def other_peaks(head_p: np.ndarray, centre_p: np.ndarray, chosen, sx: float, sy: float, k: int = OTHER_PEAKS):
     """The ``k`` strongest local maxima of ``centre_p`` (model-input frame) besides the ``chosen`` centre (x, y), as
     (x, y) image pixels (``sx``, ``sy``: image pixels per model-input pixel); see OTHER_PEAKS."""
+    if k <= 0:  # the served default: no filtering of the centre map on every automatic request
+        return ()
     from scipy import ndimage
 
     ok = centre_p == ndimage.maximum_filter(centre_p, size=9, mode="constant", cval=0)
