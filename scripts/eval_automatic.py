@@ -60,7 +60,7 @@ def train_cell(pool, n, seed, args, work, tag, base_dir=None):
                       automatic_head=args.automatic_head,
                       localiser=args.localiser, localiser_steps=args.localiser_steps,
                       localiser_folds=args.folds, localiser_gate=not args.no_gate,
-                      head_verifier=args.head_verifier)
+                      head_verifier=args.head_verifier, train_encoder=args.train_encoder)
     predictor = (ModelSource(model_dir=base_dir).load() if base_dir else SamPredictor.litemedsam(version=LITEMEDSAM))
     t0 = time.time()
     summary = finetune(predictor, items, cfg, args.cache_dir)
@@ -161,6 +161,7 @@ def run(args):
 
     plan = []  # (tag, n, seed, kind)
     suffix = ("_loc" + ("_nogate" if args.no_gate else "")) if args.localiser else ""
+    suffix += "" if args.train_encoder == "frozen" else "_enc" + args.train_encoder
     if args.new_site:
         plan.append(("site_zero-shot", 0, 0, "zero"))
         for seed in args.seeds:
@@ -334,6 +335,8 @@ def main():
                     "automatic Dice does not beat the box search (to measure it; the gate's verdict is still reported)")
     ap.add_argument("--no-head-verifier", dest="head_verifier", action="store_false",
                     help="leave the head verifier out (TrainConfig.head_verifier); on by default, as in the trainer")
+    ap.add_argument("--train-encoder", default="frozen", choices=("frozen", "lora", "full"),
+                    help="TrainConfig.train_encoder: also fine-tune the image encoder (no embedding cache for training)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-site", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the cells in --work-dir")

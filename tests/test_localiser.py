@@ -11,6 +11,7 @@ from fetal_head.segmentation import Prompt, SamPredictor
 from fetal_head.segmentation import localiser as L
 from fetal_head.segmentation.embedding_cache import EmbeddingCache
 from fetal_head.segmentation.models import LITEMEDSAM, LOCALISER, attach_localiser, build_model
+from fetal_head.segmentation.prompts import box_iou, mask_box
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +66,12 @@ def test_localiser_from_8_labels_finds_held_out_heads(trained, samples):
     inside, ious = 0, []
     for f, m, hw, _ in samples["test"]:
         loc = L.localise(trained, f, m.shape, hw)
-        ious.append(L.box_iou(loc.box, L.mask_box(m)))
+        ious.append(box_iou(loc.box, mask_box(m)))
         if loc.coarse_mask is None:
             continue
         rows, cols = np.nonzero(loc.coarse_mask)
         cx, cy = (cols.mean() + 0.5) * m.shape[1] / hw[1], (rows.mean() + 0.5) * m.shape[0] / hw[0]
-        x0, y0, x1, y1 = L.mask_box(m)
+        x0, y0, x1, y1 = mask_box(m)
         inside += x0 <= cx <= x1 and y0 <= cy <= y1
     assert int(trained.trained_labels) == 8
     assert inside >= 7, (inside, ious)
@@ -213,7 +214,6 @@ def test_the_final_rebox_keeps_the_head_in_the_images_geometry(predictor, sample
     +0.5 points of automatic Dice with a fine-tuned decoder). Here from answers to the reference box grown by 10 %
     per side: a swapped axis or a box in the wrong frame would lose the head."""
     from fetal_head.segmentation.box_search import rebox
-    from fetal_head.segmentation.prompts import mask_box
 
     before, after = [], []
     for feat, mask, hw, image in samples["test"]:

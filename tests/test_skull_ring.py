@@ -6,7 +6,7 @@ import pytest
 from skimage.draw import ellipse_perimeter
 
 from fetal_head.io import read_image
-from fetal_head.segmentation.localiser import box_iou, mask_box
+from fetal_head.segmentation.prompts import box_iou, mask_box
 from fetal_head.segmentation.skull_ring import skull_ring
 
 

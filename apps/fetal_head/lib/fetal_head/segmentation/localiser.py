@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .prompts import box_iou, mask_box
+
 GRID_STRIDE = 4  # model-input pixels per embedding cell (LiteMedSAM: 256 px input, 64 cells; SAM: 1024/64 = 16)
 # On small heads the strongest centre peak is often on another structure while the next one is on the head (20
 # labels, seed 0: 4 of the 11 test images where no candidate held the head). With OTHER_PEAKS > 0 the automatic
@@ -295,21 +297,6 @@ def other_peaks(head_p: np.ndarray, centre_p: np.ndarray, chosen, sx: float, sy:
             taken.append((x, y))
             out.append(((x + 0.5) * sx, (y + 0.5) * sy))
     return tuple(out)
-
-
-def box_iou(a, b) -> float:
-    if a is None or b is None:
-        return 0.0
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
-    inter = ix * iy
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
-    return float(inter / (area(a) + area(b) - inter))
-
-
-def mask_box(mask: np.ndarray):
-    rows, cols = np.nonzero(mask)
-    return (float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max()))
 
 
 def cross_validate(samples: Sequence[Tuple[torch.Tensor, np.ndarray, Tuple[int, int]]],

@@ -179,6 +179,17 @@ def grow_box(box, margin, height: int, width: int) -> Tuple[float, float, float,
     return (max(x0 - mx, 0.0), max(y0 - my, 0.0), min(x1 + mx, width - 1.0), min(y1 + my, height - 1.0))
 
 
+def box_iou(a, b) -> float:
+    """Intersection over union of two inclusive-pixel boxes (x_min, y_min, x_max, y_max); 0 when either is None."""
+    if a is None or b is None:
+        return 0.0
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    inter = ix * iy
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    return float(inter / (area(a) + area(b) - inter))
+
+
 def jitter_box(box, rng: np.random.Generator, max_jitter: int, height: int, width: int):
     """Grow each side outward by 0..max_jitter px (a user's box is drawn around the head, not inside it)."""
     j = rng.integers(0, max_jitter + 1, size=4)

@@ -67,11 +67,11 @@ class QCResult:
 
 def mask_box(mask: np.ndarray, margin: float = 0.0):
     """(x_min, y_min, x_max, y_max) of the mask, grown by ``margin`` x its size on each side, clipped."""
-    rows, cols = np.nonzero(mask)
+    from ..segmentation import prompts  # lazily, as below: the shape-only QC imports no torch
+
+    x0, y0, x1, y1 = prompts.mask_box(mask)
     h, w = mask.shape
-    x0, x1, y0, y1 = cols.min(), cols.max(), rows.min(), rows.max()
-    mx, my = (x1 - x0 + 1) * margin, (y1 - y0 + 1) * margin
-    return (max(x0 - mx, 0.0), max(y0 - my, 0.0), min(x1 + mx, w - 1.0), min(y1 + my, h - 1.0))
+    return prompts.grow_box((x0, y0, x1, y1), ((x1 - x0 + 1) * margin, (y1 - y0 + 1) * margin), h, w)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
