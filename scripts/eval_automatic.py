@@ -180,8 +180,10 @@ def run(args):
         plan = []
     for tag, n, seed, kind in plan:
         path = os.path.join(work, "cells", tag + ".json")
-        if os.path.isfile(path):  # finished earlier: the report below reads it
-            continue
+        if os.path.isfile(path):  # finished earlier: the report below reads it, unless modes were added since
+            with open(path) as f:
+                if set(args.modes) <= {r["mode"] for r in json.load(f)["rows"]}:
+                    continue
         t0 = time.time()
         info: dict = {}
         model_dir = None
