@@ -69,7 +69,7 @@ def wait_scored(server, timeout=900):
         st = res["active_learning"]
         if not st["background_running"] and st["scored"] == st["unlabelled"]:
             return res
-        time.sleep(5)
+        time.sleep(2)
     raise AssertionError(f"background scoring did not finish: {res}")
 
 
@@ -119,7 +119,7 @@ def test_labelled_image_never_returned_and_auto_retrain(server):
         status = requests.get(f"{server.url}/train/", timeout=30).json()
         if status.get("status") in ("DONE", "ERROR", "STOPPED"):
             break
-        time.sleep(3)
+        time.sleep(1)
     assert status.get("status") == "DONE", json.dumps(status)[-3000:]
     after = requests.get(f"{server.url}/info/", timeout=60).json()["models"]["fetal_head_sam"]["model_version"]
     assert after != before and after.startswith("finetuned"), (before, after)

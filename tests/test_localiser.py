@@ -327,9 +327,9 @@ def test_verifier_ranks_held_out_heads_above_the_other_structures(predictor, tra
 def test_automatic_answers_weigh_candidates_by_the_verifier_and_report_it(predictor, trained, verifier, samples):
     """Automatic answers weigh the localiser's and the box search's candidates by the verifier and report its
     probability. Here the decoder is the zero-shot one (the trainer always fits the verifier on its new decoder's
-    candidates): measured 0.72 mean Dice over these 8 images against 0.79 for the same localiser without the
-    verifier, one first-trimester head (0.91 -> 0.38) losing to its sac; with the trainer's fine-tuned decoders on
-    the 157 test images it gains (README, issue 12)."""
+    candidates): measured 0.68 mean Dice over these 8 images against 0.79 for the same localiser without the
+    verifier (2026-11-27), one first-trimester head (0.91 -> 0.03) losing to its sac; with the trainer's fine-tuned
+    decoders on the 157 test images it gains (README, issue 12)."""
     from fetal_head.segmentation.models import HEAD_VERIFIER
 
     setattr(predictor.model, LOCALISER, trained)

@@ -1,5 +1,7 @@
 """The SAM predictor in process: accuracy on real images and the embedding cache."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -67,6 +69,33 @@ def test_encoder_weights_are_part_of_the_key(predictor, hc18):
     same = SamPredictor.litemedsam(cache_size=3)
     same.share_cache(predictor)
     assert same.embed(img) is e1  # same encoder (e.g. a decoder-only fine-tune): the embedding is reused
+
+
+def test_served_model_keeps_embeddings_across_a_decoder_only_retrain(hc18, tmp_path):
+    """After a retrain that kept the encoder (the default, frozen), the server's next request on an image it has
+    seen reuses the embedding instead of encoding again (~1 s an image on 2 CPU cores)."""
+    import time
+
+    import torch
+
+    from fetal_head.segmentation.model_store import ModelSource, ServedModel, save_finetuned
+
+    served = ServedModel(ModelSource(model_dir=str(tmp_path)))
+    first = served.get()
+    img = read_image(hc18[4].image_path)
+    e1 = first.embed(img)
+    with torch.no_grad():
+        first.model.mask_decoder.iou_prediction_head.layers[-1].bias.add_(0.1)  # a "retrained" decoder
+    save_finetuned(first.model, "litemedsam", str(tmp_path), {"trained": ["mask_decoder"]})
+    second = served.get()
+    assert second is not first and second.version.startswith("finetuned:")
+    assert second.embed(img) is e1 and second.cache_misses == 0
+    with torch.no_grad():  # a retrained encoder: the old embedding is not reused
+        second.model.image_encoder.neck[0].weight.mul_(1.01)
+    save_finetuned(second.model, "litemedsam", str(tmp_path), {"trained": ["image_encoder"]})
+    os.utime(served.source.finetuned_path, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # same size: new mtime
+    third = served.get()
+    assert third is not second and third.embed(img) is not e1 and third.cache_misses == 1
 
 
 def test_bf16_encoder_answers_like_fp32_under_its_own_cache_key(hc18):

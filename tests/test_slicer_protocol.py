@@ -80,7 +80,7 @@ def wait_for_training(client, timeout=900):
         status = client.train_status()
         if status.get("status") in ("DONE", "ERROR", "STOPPED"):
             return status
-        time.sleep(3)
+        time.sleep(1)
     raise TimeoutError("training did not finish")
 
 

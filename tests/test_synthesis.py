@@ -44,7 +44,7 @@ def run_task(server, options, timeout=600):
         if task["status"] in ("DONE", "ERROR", "STOPPED"):
             assert task["status"] == "DONE", "\n".join(task.get("details", []))
             return task
-        time.sleep(2)
+        time.sleep(1)
     pytest.fail("synthesis task did not finish")
 
 
@@ -250,15 +250,15 @@ def test_real_vs_real_is_closer_than_real_vs_noise(hc18, predictor):
     from fetal_head.io import read_image
     from fetal_head.synthesis.realism import compare, feature_scale, sam_features
 
-    cases = test_split(hc18, "test", 16, seed=2)
+    cases = test_split(hc18, "test", 16, seed=2)[:12]  # 6 vs 6 real, 6 noise: encoding is the cost (~1.5 s each)
     images = [read_image(c.image_path) for c in cases]
     rng = np.random.default_rng(0)
-    noise = [rng.integers(0, 256, size=images[0].shape, dtype=np.uint8) for _ in range(8)]
+    noise = [rng.integers(0, 256, size=images[0].shape, dtype=np.uint8) for _ in range(6)]
     real = sam_features(predictor, images, progress=False)
     fake = sam_features(predictor, noise, progress=False)
     scale = feature_scale(real)
-    yardstick = compare(real[:8], real[8:], scale, kid_subsets=20)
-    to_noise = compare(real[:8], fake, scale, kid_subsets=20)
+    yardstick = compare(real[:6], real[6:], scale, kid_subsets=20)
+    to_noise = compare(real[:6], fake, scale, kid_subsets=20)
     print(f"real vs real: FD {yardstick['fd']:.1f} KID {yardstick['kid']:.3f}; "
           f"real vs noise: FD {to_noise['fd']:.1f} KID {to_noise['kid']:.3f}")
     assert yardstick["fd"] < to_noise["fd"]

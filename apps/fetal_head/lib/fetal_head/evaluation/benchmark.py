@@ -160,12 +160,12 @@ class BenchmarkConfig:
 POOL_ALL = 438  # HC18 pool split size; N >= the pool size uses every pool image
 
 CONFIGS: Dict[str, BenchmarkConfig] = {
-    # CI: every code path in about a minute and a half on 2 CPU cores. The tiny generator's samples are noise, so its
+    # CI: every code path in about a minute on 2 CPU cores (one test image). The tiny generator's samples are noise, so its
     # pairs pass the shape gate only (qc="shape-only"); the numbers mean nothing, the outputs' form does.
     "smoke": BenchmarkConfig(
         name="smoke", n_labels=(3, 4), seeds=(0,), train_steps=2, max_epochs=1, diffusion_config="tiny",
         diffusion_overrides={"max_steps": 10, "sampling_steps": 4}, synthetic_per_label=2.0, max_synthetic_pairs=4,
-        qc="shape-only", test_limit=2,
+        qc="shape-only", test_limit=1,
     ),
     # The largest run 2 shared CPU cores allow in about 40 minutes: the whole real-only grid with a modest step
     # budget, and the synthetic arm only at N=5, seed 0, with a 64 px generator trained for a few minutes.

@@ -93,7 +93,11 @@ class ServedModel:
         with self._lock:
             if self._predictor is None or self._predictor.version != version:
                 logger.info(f"Loading SAM weights: {version}")
-                self._predictor = self.source.load()
+                old, self._predictor = self._predictor, self.source.load()
+                if old is not None:
+                    # a retrain of the decoders keeps the encoder: its cached embeddings stay valid (the cache is
+                    # keyed by the encoder's weights, so a changed encoder simply misses)
+                    self._predictor.share_cache(old)
             return self._predictor
 
     def clear(self) -> None:
