@@ -179,7 +179,8 @@ def test_from_10_labels_the_localiser_must_beat_the_automatic_head_the_model_wou
     from fetal_head.segmentation.models import AUTOMATIC_DECODER, attach_automatic_decoder
 
     pool = [c for c in hc18_subset if c.split == "pool"]
-    items = T.label_items(pool[:: len(pool) // 10][:10], str(tmp_path))
+    # the 8 pool images of ``samples`` (their embeddings are on disk already) and two more
+    items = T.label_items(pool[:: len(pool) // 8][:8] + pool[1:3], str(tmp_path))
     cfg = T.TrainConfig(localiser=True, localiser_steps=20, localiser_cv_limit=3)
     attach_automatic_decoder(predictor.model)  # as a run that kept its automatic head leaves the model
     try:
@@ -303,7 +304,9 @@ def test_verifier_ranks_held_out_heads_above_the_other_structures(predictor, tra
     net, record = verifier
     assert record["attached"] and record["labels"] == 8 and 2 <= record["heads"] < record["candidates"], record
     # its cross-validation is reported below 10 labels but is not a gate there (measured with this zero-shot decoder:
-    # 0.876 with it vs 0.935 without, the regression the automatic test below describes)
+    # 0.878 with it vs 0.946 without; weighing this zero-shot decoder's candidates by it gave 0.68 automatic Dice on
+    # the 8 test images against 0.79 without, a first-trimester head losing to its sac. The trainer fits it on its
+    # new decoder's candidates, where it gains (README, issue 12); tests/test_training.py checks it served.)
     assert record["cv"]["images"] == 8 and record["gate_passed"] is None, record
     setattr(predictor.model, LOCALISER, trained)
     try:
@@ -322,32 +325,6 @@ def test_verifier_ranks_held_out_heads_above_the_other_structures(predictor, tra
     print(f"{len(heads)} head and {len(others)} other candidates; AUC {auc:.3f}")
     assert len(heads) >= 3 and len(others) >= 3
     assert auc > 0.8, (heads, others)
-
-
-def test_automatic_answers_weigh_candidates_by_the_verifier_and_report_it(predictor, trained, verifier, samples):
-    """Automatic answers weigh the localiser's and the box search's candidates by the verifier and report its
-    probability. Here the decoder is the zero-shot one (the trainer always fits the verifier on its new decoder's
-    candidates): measured 0.68 mean Dice over these 8 images against 0.79 for the same localiser without the
-    verifier (2026-11-27), one first-trimester head (0.91 -> 0.03) losing to its sac; with the trainer's fine-tuned
-    decoders on the 157 test images it gains (README, issue 12)."""
-    from fetal_head.segmentation.models import HEAD_VERIFIER
-
-    setattr(predictor.model, LOCALISER, trained)
-    setattr(predictor.model, HEAD_VERIFIER, verifier[0])
-    try:
-        scores = []
-        for _, mask, _, image in samples["test"]:
-            pred = predictor.predict(image, Prompt())
-            conf = pred.confidence
-            assert conf["source"] == "localiser" and 0.0 <= conf["head_probability"] <= 1.0, conf
-            assert 0.0 <= conf["box_search_agreement"] <= 1.0  # from the candidates it decoded: no second search
-            assert conf["chosen_candidate"] in ("localiser", "skull_ring", "box_search") + PEAK_SOURCE
-            scores.append(dice(pred.mask, mask))
-    finally:
-        delattr(predictor.model, LOCALISER)
-        delattr(predictor.model, HEAD_VERIFIER)
-    print("automatic Dice, zero-shot decoder + localiser + verifier (8 labels):", np.round(scores, 3))
-    assert np.mean(scores) > 0.65 and sum(s > 0.9 for s in scores) >= 5, scores
 
 
 def test_checkpoint_carries_the_verifier(verifier, tmp_path):

@@ -148,9 +148,10 @@ def model_version(server):
     return requests.get(f"{server.url}/info/", timeout=30).json()["models"]["fetal_head_sam"]["model_version"]
 
 
-def box_dice(server, automatic=False):
+def box_dice(server, automatic=False, confidences=None):
     """Mean box-prompt Dice on the test images (roi = reference box, each side jittered 0-20 px, fixed seed), or
-    with ``automatic`` the automatic Dice of ``fetal_head_auto`` (what Slicer's Auto Segmentation sends: {})."""
+    with ``automatic`` the automatic Dice of ``fetal_head_auto`` (what Slicer's Auto Segmentation sends: {}); each
+    answer's ``confidence`` is appended to ``confidences`` when given."""
     rng = np.random.default_rng(0)
     scores, versions = [], set()
     for case in server.test_cases[:N_AUTO] if automatic else server.test_cases:
@@ -167,6 +168,8 @@ def box_dice(server, automatic=False):
         for part in decoder.MultipartDecoder.from_response(resp).parts:
             if 'name="params"' in part.headers.get(b"Content-Disposition", b"").decode():
                 versions.add(json.loads(part.content)["model_version"])
+                if confidences is not None:
+                    confidences.append(json.loads(part.content)["confidence"])
             else:
                 scores.append(dice(np.array(Image.open(io.BytesIO(part.content))), ref))
     return float(np.mean(scores)), versions
@@ -209,7 +212,8 @@ def test_training_improves_box_dice_and_is_served_without_restart(server):
     assert new_version != zero_version and new_version.startswith("finetuned:")
     tuned_dice, versions = box_dice(server)
     assert versions == {new_version}
-    tuned_auto, _ = box_dice(server, automatic=True)
+    confidences = []
+    tuned_auto, _ = box_dice(server, automatic=True, confidences=confidences)
     meta = json.loads((server.app / "model" / "fetal_head_sam.json").read_text())
     print(f"\nbox-prompt Dice on {N_TEST} test images: zero-shot {zero_dice:.4f} -> fine-tuned {tuned_dice:.4f}; "
           f"automatic ({N_AUTO} images) {zero_auto:.4f} -> {tuned_auto:.4f} "
@@ -218,6 +222,15 @@ def test_training_improves_box_dice_and_is_served_without_restart(server):
     # the few-label recipe: nothing held out, a fixed schedule, the localiser attached without a (biased) check
     assert len(meta["labels_used"]) == N_LABELLED and not meta["validation_images"]
     assert meta["localiser"]["replaced"] and meta["localiser"]["labels"] == N_LABELLED
+    # the head verifier, fitted on the new decoder's candidates of the same labels (not a gate below 10), weighs
+    # the localiser's, the skull ring's and the box search's candidates and says how sure it is
+    assert meta["head_verifier"]["attached"] and meta["head_verifier"]["gate_passed"] is None, meta["head_verifier"]
+    assert len(confidences) == N_AUTO
+    for conf in confidences:
+        assert conf["source"] == "localiser" and 0.0 <= conf["localiser_score"] <= 1.0, conf
+        assert 0.0 <= conf["head_probability"] <= 1.0, conf
+        assert 0.0 <= conf["box_search_agreement"] <= 1.0, conf  # from the candidates it decoded: no second search
+        assert conf["chosen_candidate"] in ("localiser", "skull_ring", "box_search", "localiser_peak"), conf
     # without a validation set the automatic head cannot be trusted over the localiser / box search: not served
     assert meta["automatic"] is None and "automatic_decoder" not in meta["best_epochs"]
     assert tuned_dice > zero_dice
