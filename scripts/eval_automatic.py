@@ -53,14 +53,16 @@ def train_cell(pool, n, seed, args, work, tag, base_dir=None):
     chosen = select_labels(pool, n, seed)
     items = label_items(chosen, os.path.join(work, "labels"))
     val_split = 0.2 if n * 0.2 <= MAX_VAL else MAX_VAL / n
-    n_val = int(round(n * val_split)) if n >= 10 else 0  # as training.split_items counts (no split below 10)
+    # as training.split_items counts (no split below min_labels_for_validation)
+    n_val = int(round(n * val_split)) if n >= args.min_labels_for_validation else 0
     steps_per_epoch = max(1, math.ceil((n - n_val) / BATCH))
     epochs = int(np.clip(math.ceil(args.train_steps / steps_per_epoch), 1, MAX_EPOCHS))
     cfg = TrainConfig(max_epochs=epochs, train_batch_size=BATCH, val_split=val_split, learning_rate=LR, seed=seed,
                       automatic_head=args.automatic_head,
                       localiser=args.localiser, localiser_steps=args.localiser_steps,
                       localiser_folds=args.folds, localiser_gate=not args.no_gate,
-                      head_verifier=args.head_verifier, train_encoder=args.train_encoder)
+                      head_verifier=args.head_verifier, train_encoder=args.train_encoder,
+                      min_labels_for_validation=args.min_labels_for_validation)
     predictor = (ModelSource(model_dir=base_dir).load() if base_dir else SamPredictor.litemedsam(version=LITEMEDSAM))
     t0 = time.time()
     summary = finetune(predictor, items, cfg, args.cache_dir)
@@ -72,6 +74,20 @@ def train_cell(pool, n, seed, args, work, tag, base_dir=None):
     with open(os.path.join(model_dir, "cell_info.json"), "w") as f:
         json.dump(info, f, default=float)
     return model_dir, info
+
+
+def command_args(argv):
+    """The command line as recorded in a cell, without ``--out DIR``: the report is read in that folder, wherever a
+    cell's report was first written."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
 
 
 def trained_cell(work, tag):
@@ -162,8 +178,11 @@ def run(args):
     plan = []  # (tag, n, seed, kind)
     suffix = ("_loc" + ("_nogate" if args.no_gate else "")) if args.localiser else ""
     suffix += "" if args.train_encoder == "frozen" else "_enc" + args.train_encoder
+    default_min_val = TrainConfig().min_labels_for_validation
+    suffix += "" if args.min_labels_for_validation == default_min_val else f"_minval{args.min_labels_for_validation}"
     if args.new_site:
-        plan.append(("site_zero-shot", 0, 0, "zero"))
+        if not args.no_zero_shot:
+            plan.append(("site_zero-shot", 0, 0, "zero"))
         for seed in args.seeds:
             base = f"site_base_n{args.base_n}_s{seed}{suffix}" if args.base_n else None
             if base:
@@ -200,7 +219,7 @@ def run(args):
         rows = eval_cell(model_dir, test, holder, args.modes, cache, os.path.join(work, "inc", tag + ".jsonl"))
         rec = {"tag": tag, "n": n, "seed": seed, "kind": kind, "rows": rows, "info": info,
                "summary": summarize(rows), "seconds": round(time.time() - t0, 1),
-               "command": "python scripts/eval_automatic.py " + " ".join(sys.argv[1:])}
+               "command": "python scripts/eval_automatic.py " + " ".join(command_args(sys.argv[1:]))}
         with open(path, "w") as f:
             json.dump(rec, f, default=float)
         logging.info(f"{tag}: {json.dumps(rec['summary'])}")
@@ -339,8 +358,11 @@ def main():
                     help="leave the head verifier out (TrainConfig.head_verifier); on by default, as in the trainer")
     ap.add_argument("--train-encoder", default="frozen", choices=("frozen", "lora", "full"),
                     help="TrainConfig.train_encoder: also fine-tune the image encoder (no embedding cache for training)")
+    ap.add_argument("--min-labels-for-validation", type=int, default=TrainConfig().min_labels_for_validation,
+                    help="TrainConfig.min_labels_for_validation: below it no validation split, the fixed schedule")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-site", action="store_true")
+    ap.add_argument("--no-zero-shot", action="store_true", help="new site: skip the zero-shot cell (scored before)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the cells in --work-dir")
     ap.add_argument("--base-n", type=int, default=0, help="new site: first train on N labels of the other sites")
     ap.add_argument("--site-n", type=int, nargs="+", default=[5, 10])

@@ -57,18 +57,13 @@ from fetal_head.io.hc18 import read_cases  # noqa: E402
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
 from fetal_head.segmentation.models import AUTOMATIC_DECODER  # noqa: E402
 from fetal_head.segmentation.predictor import SamPredictor  # noqa: E402
-from fetal_head.segmentation.prompts import AUTOMATIC, Prompt, jitter_box, mask_box  # noqa: E402
+from fetal_head.segmentation.prompts import AUTOMATIC, Prompt, jitter_box, mask_box, mask_dice  # noqa: E402
 from fetal_head.segmentation.training import TrainConfig, finetune, label_items  # noqa: E402
 from fetal_head.selection import pooled_feature, quick_automatic, select_diverse, select_hybrid, select_uncertain, uncertainty  # noqa: E402
 
 logger = logging.getLogger("simulate_active_learning")
 STRATEGIES = ("random", "uncertainty", "diversity", "hybrid")
 ACCEPT = 0.95
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / s) if s else 0.0
 
 
 class Study:
@@ -181,11 +176,11 @@ class Study:
         emb = self.cache.get(image)
         self.predictor.remember(image, emb)
         auto = (pred_auto if pred_auto is not None else quick_automatic(self.predictor, emb)).mask
-        d_auto = dice(auto, ref)
+        d_auto = mask_dice(auto, ref)
         if d_auto >= ACCEPT:
             return 0, d_auto, None
         box = jitter_box(mask_box(ref), rng, 20, *ref.shape)
-        d_box = dice(self.predictor.predict(image, Prompt(box=box)).mask, ref)
+        d_box = mask_dice(self.predictor.predict(image, Prompt(box=box)).mask, ref)
         return (1 if d_box >= ACCEPT else 2), d_auto, d_box
 
     def select(self, strategy, labelled, k, rng):

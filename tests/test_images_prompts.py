@@ -137,3 +137,18 @@ def test_itk_label_files_round_trip_with_spacing(tmp_path, hc18, suffix):
     slicer_like = itk.image_from_array(ref[None].astype(np.uint8))  # Slicer's labelmap: one slice, k = 0
     itk.imwrite(slicer_like, str(tmp_path / "slicer.nrrd"))
     assert (read_mask(tmp_path / "slicer.nrrd") == ref).all()
+
+
+def test_mask_dice_agrees_with_monai_on_a_real_label_and_says_what_empty_means(hc18):
+    """The package's one mask-overlap helper (candidate agreement, active-learning uncertainty, synthetic QC) against
+    MONAI's compute_dice: a real HC18 label and the same label shifted by 15 px."""
+    from conftest import dice as monai_dice
+    from fetal_head.segmentation.prompts import mask_dice
+
+    ref = read_mask(hc18[0].mask_path) > 0
+    moved = np.roll(ref, 15, axis=1)
+    assert 0.8 < mask_dice(ref, moved) < 0.99
+    assert mask_dice(ref, moved) == pytest.approx(monai_dice(ref, moved), abs=1e-6)
+    assert mask_dice(ref, ref.astype(np.uint8) * 255) == 1.0  # any nonzero value is foreground
+    empty = np.zeros_like(ref)
+    assert mask_dice(ref, empty) == 0.0 and mask_dice(empty, empty) == 0.0 and mask_dice(empty, empty, empty=1.0) == 1.0

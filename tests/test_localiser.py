@@ -11,7 +11,7 @@ from fetal_head.segmentation import Prompt, SamPredictor
 from fetal_head.segmentation import localiser as L
 from fetal_head.segmentation.embedding_cache import EmbeddingCache
 from fetal_head.segmentation.models import LITEMEDSAM, LOCALISER, attach_localiser, build_model
-from fetal_head.segmentation.prompts import box_iou, mask_box
+from fetal_head.segmentation.prompts import box_iou, mask_box, mask_dice
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +317,7 @@ def test_verifier_ranks_held_out_heads_above_the_other_structures(predictor, tra
             assert found is not None
             ref = low_res_target(predictor, emb, mask)[0, 0].cpu().numpy() > 0.5
             for cand, p in zip(found[1], net.probability(box_search.verifier_inputs(emb, found[1]))):
-                d = box_search._dice(cand.mask, ref)
+                d = mask_dice(cand.mask, ref)
                 (heads if d >= POSITIVE_DICE else others if d < 0.8 else []).append(p)
     finally:
         delattr(predictor.model, LOCALISER)

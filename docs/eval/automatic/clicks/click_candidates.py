@@ -11,9 +11,10 @@ from tqdm import tqdm
 
 from study_setup import REPO, load_cell
 from fetal_head.segmentation import box_search as bs
+from fetal_head.segmentation.prompts import mask_dice
 
 tag, shard, test, pred = load_cell(sys.argv[1:])
-dice = bs._dice
+dice = mask_dice
 ver = pred.head_verifier
 assert ver is not None
 

@@ -9,10 +9,10 @@ from tqdm import tqdm
 
 from study_setup import REPO, load_cell
 from fetal_head.segmentation import box_search as bs
-from fetal_head.segmentation.prompts import grow_box, mask_box
+from fetal_head.segmentation.prompts import grow_box, mask_box, mask_dice
 
 tag, shard, test, pred = load_cell(sys.argv[1:])
-dice = bs._dice
+dice = mask_dice
 pred.automatic_agreement = False
 
 

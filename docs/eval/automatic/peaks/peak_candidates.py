@@ -16,6 +16,7 @@ from fetal_head.io import read_image
 from fetal_head.segmentation.embedding_cache import EmbeddingCache
 from fetal_head.segmentation.model_store import ModelSource
 from fetal_head.segmentation import box_search as B
+from fetal_head.segmentation.prompts import mask_dice
 from fetal_head.segmentation.localiser import localise
 from fetal_head.segmentation.skull_ring import skull_ring
 from fetal_head.segmentation.training import low_res_target
@@ -97,10 +98,10 @@ if __name__ == "__main__":
         if found is not None:
             cands, pks = found
             ref = low_res_target(pred, emb, mask)[0, 0].cpu().numpy() > 0.5
-            full = [B._dice(pred.finish(emb, cd.logits, cd.iou).mask, mask) for cd in cands] if split == "test" else []
+            full = [mask_dice(pred.finish(emb, cd.logits, cd.iou).mask, mask) for cd in cands] if split == "test" else []
             rec.update(n=len(cands), masks=np.packbits(np.stack([cd.mask for cd in cands]), axis=-1),
                        X=B.verifier_inputs(emb, cands).astype(np.float16),
-                       dlow=np.array([B._dice(cd.mask, ref) for cd in cands]), score=np.array([cd.score for cd in cands]),
+                       dlow=np.array([mask_dice(cd.mask, ref) for cd in cands]), score=np.array([cd.score for cd in cands]),
                        src=[cd.source for cd in cands], dfull=np.array(full), peaks=pks)
         out.append(rec)
         if k % 10 == 0:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .prompts import Prompt, grow_box, mask_box
+from .prompts import Prompt, grow_box, mask_box, mask_dice
 
 if TYPE_CHECKING:  # the predictor calls in here; only its type is needed
     from .predictor import ImageEmbedding, Prediction, SamPredictor
@@ -134,7 +134,7 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
         if searched:  # what the box search alone answers (:func:`search`'s rule on the same candidates)
             top = search_choice(searched)
             other = predictor.finish(emb, top.logits, top.iou)
-            pred.confidence["box_search_agreement"] = round(_dice(pred.mask, other.mask), 4)
+            pred.confidence["box_search_agreement"] = round(mask_dice(pred.mask, other.mask), 4)
     return pred
 
 
@@ -148,7 +148,7 @@ class Candidate:
         self.logits, self.iou = logits, iou  # (1, 1, 256, 256), (1, 1): what finish() takes
         self.first_iou = first_iou
         self.centre = centre  # (x, y) at low resolution: the localiser's centre or the click
-        self.stability = _dice(head, mask)
+        self.stability = mask_dice(head, mask)
         self.ellipse = ellipse_likeness(mask)
         # confident, stable under the re-prompt, ellipse-shaped
         self.score = float(iou[0, 0]) * self.stability * self.ellipse
@@ -316,11 +316,6 @@ def centrality(mask: np.ndarray, point) -> float:
     dx, dy = np.asarray(point, np.float64) - xy.mean(0)
     d2 = (c * dx * dx - 2 * b * dx * dy + a * dy * dy) / (a * c - b * b)  # 2x2 inverse written out: no LAPACK call
     return float(np.exp(-d2 / CENTRALITY_SCALE))
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / s) if s else 0.0
 
 
 def head_component(mask: np.ndarray, fg=None, bg=None) -> Optional[np.ndarray]:

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import box_search
 from .models import AUTOMATIC_DECODER, HEAD_VERIFIER, LOCALISER, family, weights_key
-from .prompts import Prompt, PromptError
+from .prompts import Prompt, PromptError, mask_dice
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ class SamPredictor:
             if pred is not None and pred.mask.sum() >= 16:
                 if self.automatic_agreement and "box_search_agreement" not in pred.confidence:
                     other = box_search.search(self, emb, box_search.image_centres(*emb.original_hw), Prompt())
-                    pred.confidence["box_search_agreement"] = round(box_search._dice(pred.mask, other.mask), 4)
+                    pred.confidence["box_search_agreement"] = round(mask_dice(pred.mask, other.mask), 4)
                 return pred
         if self.automatic_decoder is not None:
             pred = box_search.automatic_head(self, emb)

@@ -190,6 +190,15 @@ def box_iou(a, b) -> float:
     return float(inter / (area(a) + area(b) - inter))
 
 
+def mask_dice(a: np.ndarray, b: np.ndarray, empty: float = 0.0) -> float:
+    """Dice of two binary masks of one shape; ``empty`` when both are empty (0: two empty answers are no agreement;
+    1 where "both empty" means "the same answer"). The one mask-overlap helper of the package: plain numpy because
+    the automatic route scores dozens of candidate pairs per request; evaluation uses MONAI's ``compute_dice``."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    s = int(a.sum()) + int(b.sum())
+    return float(2 * np.count_nonzero(a & b) / s) if s else float(empty)
+
+
 def jitter_box(box, rng: np.random.Generator, max_jitter: int, height: int, width: int):
     """Grow each side outward by 0..max_jitter px (a user's box is drawn around the head, not inside it)."""
     j = rng.integers(0, max_jitter + 1, size=4)

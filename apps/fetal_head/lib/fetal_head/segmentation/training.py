@@ -81,7 +81,7 @@ from .embedding_cache import EmbeddingCache
 from .localiser import LocaliserConfig, train_localiser
 from .models import AUTOMATIC_DECODER, HEAD_VERIFIER, LOCALISER, attach_automatic_decoder
 from .predictor import ImageEmbedding, SamPredictor
-from .prompts import Prompt, jitter_box, mask_box, sample_prompt
+from .prompts import Prompt, jitter_box, mask_box, mask_dice, sample_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -698,7 +698,7 @@ def _route_dice(predictor: SamPredictor, sample, route: str) -> float:
         pred = box_search.automatic_head(predictor, emb)
     else:
         pred = box_search.search(predictor, emb, box_search.image_centres(*mask.shape), Prompt())
-    return box_search._dice(pred.mask, mask)
+    return mask_dice(pred.mask, mask)
 
 
 def cross_validate_route(predictor: SamPredictor, samples, lcfg: LocaliserConfig, folds: int, limit: int) -> List[float]:
@@ -816,7 +816,7 @@ def fit_head_verifier(predictor: SamPredictor, items: Sequence[LabelledImage], c
             continue
         ref = low_res_target(predictor, emb, mask)[0, 0].cpu().numpy() > 0.5
         groups.append((box_search.verifier_inputs(emb, found[1]),
-                       np.array([box_search._dice(c.mask, ref) for c in found[1]]),
+                       np.array([mask_dice(c.mask, ref) for c in found[1]]),
                        np.array([c.score for c in found[1]])))
     y = np.concatenate([g[1] for g in groups]) >= POSITIVE_DICE if groups else np.zeros(0, bool)
     net = fit_verifier(np.concatenate([g[0] for g in groups]), y, len(real)) if groups else None

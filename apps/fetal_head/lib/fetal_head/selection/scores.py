@@ -26,18 +26,13 @@ import torch.nn.functional as F
 
 from ..segmentation import box_search
 from ..segmentation.predictor import ImageEmbedding, Prediction, SamPredictor
-from ..segmentation.prompts import Prompt
+from ..segmentation.prompts import Prompt, mask_dice
 
 N_PERTURBED = 4
 PERTURB = 0.08  # fraction of the box's width/height each side may move
 MARGIN_PX = 10.0  # the automatic answer's box grows by this before perturbing (boxes were trained 0-20 px out)
 UNCERTAINTY_WEIGHTS = {"disagreement": 1.0, "low_iou": 0.5, "non_ellipse": 0.5}
 SCORE_VERSION = "u2"  # bump when the score's definition changes (part of the cache key)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / s) if s else 1.0
 
 
 @torch.inference_mode()
@@ -72,7 +67,7 @@ def uncertainty(predictor: SamPredictor, emb: ImageEmbedding, seed: int = 0) -> 
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h - 1)
     logits, _ = predictor.decode(emb, boxes=boxes)
     low = (logits[:, 0, :ch, :cw] > 0).cpu().numpy()
-    agreement = float(np.mean([_dice(ref_low, m) for m in low]))
+    agreement = float(np.mean([mask_dice(ref_low, m, empty=1.0) for m in low]))
     out = {"disagreement": 1.0 - agreement, "low_iou": float(np.clip(1.0 - pred.score, 0, 1)),
            "non_ellipse": 1.0 - box_search.ellipse_likeness(ref_low), "empty": 0.0}
     out["score"] = float(sum(UNCERTAINTY_WEIGHTS[k] * out[k] for k in UNCERTAINTY_WEIGHTS))

@@ -34,6 +34,7 @@ from scipy import ndimage
 from skimage import measure
 
 from ..biometry import BiometryError, ellipse_mask, measure_head
+from ..segmentation.prompts import mask_dice
 
 QC_MODES = ("full", "shape-only")
 ACCEPTED = "accepted"
@@ -74,11 +75,6 @@ def mask_box(mask: np.ndarray, margin: float = 0.0):
     return prompts.grow_box((x0, y0, x1, y1), ((x1 - x0 + 1) * margin, (y1 - y0 + 1) * margin), h, w)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return float(2.0 * np.logical_and(a, b).sum() / s) if s else 0.0
-
-
 def check_shape(mask: np.ndarray, thresholds: QCThresholds = QCThresholds()) -> QCResult:
     """Gate 1: one filled near-elliptical component of a plausible size."""
     m = np.asarray(mask) > 0
@@ -116,7 +112,7 @@ def check_sam_agreement(image: np.ndarray, mask: np.ndarray, predictor, threshol
     rows, cols = np.nonzero(m)
     click = Prompt(points=np.array([[cols.mean(), rows.mean()]], dtype=np.float32), labels=np.array([1]))
     pred_click = predictor.predict(image, click)  # the embedding is cached: only the decoder runs again
-    d, d_click = dice(pred.mask, m), dice(pred_click.mask, m)
+    d, d_click = mask_dice(pred.mask, m), mask_dice(pred_click.mask, m)
     detail = {"sam_dice": d, "sam_click_dice": d_click, "sam_score": pred.score}
     if d < thresholds.min_sam_dice or d_click < thresholds.min_sam_click_dice:
         return QCResult(False, "sam_disagrees", detail)
