@@ -13,7 +13,6 @@ p50/p95, throughput, and /info/ latency p50/p95/max during the load (issue 11: p
 import argparse
 import io
 import json
-import os
 import shutil
 import sys
 import tempfile

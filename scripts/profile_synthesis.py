@@ -27,14 +27,11 @@ pass rate and FD/KID in SAM feature space against the real-vs-real yardstick, si
 """
 
 import argparse
-import io
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np

@@ -18,7 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps" / "fetal_head" / "lib"))
 
-from fetal_head.synthesis.diffusion import CONFIGS, DEFAULT_SCHEME, SCHEMES, make_config  # noqa: E402
+from fetal_head.synthesis.diffusion import CONFIGS, DEFAULT_SCHEME, make_config  # noqa: E402
+from fetal_head.synthesis.schemes import SCHEMES  # noqa: E402
 from fetal_head.io.hc18 import read_cases, select  # noqa: E402
 from fetal_head.synthesis.pipeline import default_device, train_generator  # noqa: E402
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import zipfile
 
-import numpy as np
 import pytest
 
 from conftest import HC18_SUBSET, REPO

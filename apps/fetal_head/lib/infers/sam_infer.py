@@ -12,7 +12,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from fetal_head.biometry import BiometryError, measure_head
 from fetal_head.io import read_frame, write_mask
 from fetal_head.segmentation.model_store import ServedModel
-from fetal_head.segmentation.prompts import PromptError, pixel_size_from_request, prompt_from_request, prompt_mode
+from fetal_head.segmentation.prompts import pixel_size_from_request, prompt_from_request, prompt_mode
 
 logger = logging.getLogger(__name__)
 

@@ -52,7 +52,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from ..biometry import BiometryError, ellipse_mask, measure_head
@@ -65,7 +64,7 @@ from ..segmentation.models import LITEMEDSAM
 from ..segmentation.predictor import SamPredictor
 from ..segmentation.prompts import AUTOMATIC
 from ..segmentation.training import LabelledImage, TrainConfig, checkpoint_meta, finetune, label_items
-from .core import METRICS, TestImage, evaluate, image_metrics, load_test_images, warm_embeddings
+from .core import METRICS, TestImage, evaluate, load_test_images, warm_embeddings
 
 logger = logging.getLogger(__name__)
 

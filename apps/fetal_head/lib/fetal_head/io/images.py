@@ -8,7 +8,7 @@ mask goes back in the image's own pixel grid.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

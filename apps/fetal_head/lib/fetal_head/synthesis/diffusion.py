@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..files import atomic_torch_save
-from .schemes import DEFAULT_SCHEME, SCHEMES, Scheme, scheme_for
+from .schemes import DEFAULT_SCHEME, Scheme, scheme_for
 
 logger = logging.getLogger(__name__)
 
