@@ -20,12 +20,12 @@ from fetal_head.evaluation.benchmark import (
     REAL_SYNTHETIC,
     ZERO_SHOT,
     Benchmark,
-    image_metrics,
     make_config,
     planned_cells,
     select_labels,
     write_report,
 )
+from fetal_head.evaluation.core import image_metrics
 
 CACHE = REPO / ".data" / "emb_cache"  # content-keyed embeddings, shared with the other tools
 
