@@ -226,6 +226,7 @@ def test_training_improves_box_dice_and_is_served_without_restart(server):
     # the head verifier, fitted on the new decoder's candidates of the same labels (not a gate below 10), weighs
     # the localiser's, the skull ring's and the box search's candidates and says how sure it is
     assert meta["head_verifier"]["attached"] and meta["head_verifier"]["gate_passed"] is None, meta["head_verifier"]
+    from fetal_head.segmentation.box_search import REVIEW_BELOW
     from fetal_head.segmentation.localiser import OTHER_PEAKS
 
     sources = ("localiser", "skull_ring", "box_search") + (("localiser_peak",) if OTHER_PEAKS else ())
@@ -233,6 +234,7 @@ def test_training_improves_box_dice_and_is_served_without_restart(server):
     for conf in confidences:
         assert conf["source"] == "localiser" and 0.0 <= conf["localiser_score"] <= 1.0, conf
         assert 0.0 <= conf["head_probability"] <= 1.0, conf
+        assert conf["needs_review"] == (conf["head_probability"] < REVIEW_BELOW), conf
         assert 0.0 <= conf["box_search_agreement"] <= 1.0, conf  # from the candidates it decoded: no second search
         assert conf["chosen_candidate"] in sources, conf
     # without a validation set the automatic head cannot be trusted over the localiser / box search: not served

@@ -81,18 +81,24 @@ def report(args):
         a = auc([r["confidence"][k] for r in have], f) if 0 < f.sum() < len(f) else float("nan")
         lines.append(f"| `{k}` | {len(have)} | {a:.3f} |")
     lines += ["", "A client flags an answer for a look when the field is below the threshold:", "",
-              "| rule | answers flagged | failures caught | automatic Dice of the unflagged answers | of the flagged |",
-              "| --- | --- | --- | --- | --- |"]
+              "| rule | answers flagged | failures caught | automatic Dice of the unflagged answers | of the flagged "
+              "| HC abs. diff. of the unflagged / flagged |",
+              "| --- | --- | --- | --- | --- | --- |"]
     hp = np.array([r["confidence"].get("head_probability", np.nan) for r in rows], float)
     ag = np.array([r["confidence"].get("box_search_agreement", np.nan) for r in rows], float)
     rules = [(f"head_probability < {t}", hp < t) for t in (0.3, 0.5, 0.7)]
     rules += [(f"box_search_agreement < {t}", ag < t) for t in (0.5, 0.8, 0.9)]
     rules += [(f"head_probability < 0.5 or box_search_agreement < {t}", (hp < 0.5) | (ag < t)) for t in (0.8, 0.9)]
+    hc = np.array([r["hc_abs_diff_mm"] for r in rows])
+    lines.insert(4, f"HC abs. diff. of all automatic answers: {hc.mean():.2f} mm (median {np.median(hc):.2f} mm).")
+    lines.insert(5, "")
     for name, flag in rules:
-        kept = dice[~flag]
+        if not flag.any():
+            lines.append(f"| {name} | 0 | 0 | - | - | - |")
+            continue
         lines.append(f"| {name} | {int(flag.sum())} ({100 * flag.mean():.0f} %) | {int((flag & failed).sum())} of "
-                     f"{int(failed.sum())} | {100 * kept.mean():.2f} % | "
-                     f"{100 * dice[flag].mean():.2f} % |" if flag.any() else f"| {name} | 0 | 0 | - | - |")
+                     f"{int(failed.sum())} | {100 * dice[~flag].mean():.2f} % | {100 * dice[flag].mean():.2f} % | "
+                     f"{hc[~flag].mean():.2f} / {hc[flag].mean():.2f} mm |")
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(rows, os.path.join(args.out, "confidence_vs_dice.png"))

@@ -77,6 +77,11 @@ LOCALISED_SCALES = (0.3, 0.45, 0.6, 0.75, 0.9)  # candidate box heights around t
 # fixed over-segmented answers (14 failures: click 82.4 -> 86.4 %) but cost more elsewhere (157 images: automatic
 # 91.04 -> 89.72 %, click 94.84 -> 94.18 %).
 CENTRALITY_SCALE = 2.0
+# An automatic answer is flagged ``needs_review`` when the head verifier gives the served candidate less than this:
+# the logistic regression's own decision boundary (more likely not the head), not a threshold tuned on test images.
+# On the 157 test images (20 labels, seed 0) it flagged a quarter of the answers and every failure among them
+# (docs/eval/automatic/confidence).
+REVIEW_BELOW = 0.5
 
 
 @torch.inference_mode()
@@ -130,6 +135,7 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     }
     if head_p is not None:
         pred.confidence["head_probability"] = round(float(head_p[best]), 4)
+        pred.confidence["needs_review"] = bool(head_p[best] < REVIEW_BELOW)
         searched = [c for c in cands if c.source == "box_search"]
         if searched:  # what the box search alone answers (:func:`search`'s rule on the same candidates)
             top = search_choice(searched)
