@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from fetal_head.segmentation.model_store import ModelSource, meta_path, save_fin
 from fetal_head.segmentation.models import LITEMEDSAM  # noqa: E402
 from fetal_head.segmentation.predictor import SamPredictor  # noqa: E402
 from fetal_head.segmentation.training import (TrainConfig, checkpoint_meta, finetune, fit_head_verifier,  # noqa: E402
-                                              label_items)
+                                              label_items, split_items)
 
 # the "cpu" benchmark configuration's schedule (what gave box 96.10 / 96.72 % at 5 / 20 labels)
 TRAIN_STEPS, BATCH, LR, MAX_EPOCHS, MAX_VAL = 100, 4, 1e-4, 40, 20
@@ -53,16 +54,15 @@ def train_cell(pool, n, seed, args, work, tag, base_dir=None):
     chosen = select_labels(pool, n, seed)
     items = label_items(chosen, os.path.join(work, "labels"))
     val_split = 0.2 if n * 0.2 <= MAX_VAL else MAX_VAL / n
-    # as training.split_items counts (no split below min_labels_for_validation)
-    n_val = int(round(n * val_split)) if n >= args.min_labels_for_validation else 0
-    steps_per_epoch = max(1, math.ceil((n - n_val) / BATCH))
-    epochs = int(np.clip(math.ceil(args.train_steps / steps_per_epoch), 1, MAX_EPOCHS))
-    cfg = TrainConfig(max_epochs=epochs, train_batch_size=BATCH, val_split=val_split, learning_rate=LR, seed=seed,
+    cfg = TrainConfig(train_batch_size=BATCH, val_split=val_split, learning_rate=LR, seed=seed,
                       automatic_head=args.automatic_head,
                       localiser=args.localiser, localiser_steps=args.localiser_steps,
                       localiser_folds=args.folds, localiser_gate=not args.no_gate,
                       head_verifier=args.head_verifier, train_encoder=args.train_encoder,
                       min_labels_for_validation=args.min_labels_for_validation)
+    train, _ = split_items(items, cfg)  # the trainer's own split: the step budget is spread over what trains
+    epochs = int(np.clip(math.ceil(args.train_steps / max(1, math.ceil(len(train) / BATCH))), 1, MAX_EPOCHS))
+    cfg = replace(cfg, max_epochs=epochs)
     predictor = (ModelSource(model_dir=base_dir).load() if base_dir else SamPredictor.litemedsam(version=LITEMEDSAM))
     t0 = time.time()
     summary = finetune(predictor, items, cfg, args.cache_dir)

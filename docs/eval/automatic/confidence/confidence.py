@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(REPO, "apps", "fetal_head", "lib"))
 from fetal_head.evaluation.core import image_metrics, load_test_images  # noqa: E402
 from fetal_head.io.hc18 import read_cases  # noqa: E402
 from fetal_head.segmentation import Prompt  # noqa: E402
+from fetal_head.segmentation.box_search import REVIEW_BELOW  # noqa: E402
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
 from fetal_head.segmentation.model_store import ModelSource  # noqa: E402
 
@@ -69,11 +70,13 @@ def report(args):
     with open(os.path.join(args.work, "answers.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     dice = np.array([r["dice"] for r in rows])
+    hc = np.array([r["hc_abs_diff_mm"] for r in rows])
     failed = dice < FAIL
     lines = [f"# Automatic answers' confidence against their Dice ({len(rows)} HC18 test images)", "",
              f"Model: `{args.model_dir}`. Command: `python docs/eval/automatic/confidence/confidence.py --model-dir "
              f"{args.model_dir} --out {args.out}`. Automatic Dice {100 * dice.mean():.2f} %, {int(failed.sum())} "
              f"answers below {FAIL:.2f}.", "",
+             f"HC abs. diff. of all automatic answers: {hc.mean():.2f} mm (median {np.median(hc):.2f} mm).", "",
              "| confidence field | answers with it | ROC AUC for a failure (low value = failure) |", "| --- | --- | --- |"]
     for k in FIELDS:
         have = [r for r in rows if isinstance(r["confidence"].get(k), (int, float))]
@@ -86,12 +89,11 @@ def report(args):
               "| --- | --- | --- | --- | --- | --- |"]
     hp = np.array([r["confidence"].get("head_probability", np.nan) for r in rows], float)
     ag = np.array([r["confidence"].get("box_search_agreement", np.nan) for r in rows], float)
-    rules = [(f"head_probability < {t}", hp < t) for t in (0.3, 0.5, 0.7)]
+    # the served flag (needs_review: head_probability < box_search.REVIEW_BELOW) among its alternatives
+    rules = [(f"head_probability < {t}", hp < t) for t in sorted({0.3, REVIEW_BELOW, 0.7})]
     rules += [(f"box_search_agreement < {t}", ag < t) for t in (0.5, 0.8, 0.9)]
-    rules += [(f"head_probability < 0.5 or box_search_agreement < {t}", (hp < 0.5) | (ag < t)) for t in (0.8, 0.9)]
-    hc = np.array([r["hc_abs_diff_mm"] for r in rows])
-    lines.insert(4, f"HC abs. diff. of all automatic answers: {hc.mean():.2f} mm (median {np.median(hc):.2f} mm).")
-    lines.insert(5, "")
+    rules += [(f"head_probability < {REVIEW_BELOW} or box_search_agreement < {t}", (hp < REVIEW_BELOW) | (ag < t))
+              for t in (0.8, 0.9)]
     for name, flag in rules:
         if not flag.any():
             lines.append(f"| {name} | 0 | 0 | - | - | - |")
