@@ -37,7 +37,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "apps", "fetal_head", "lib"))
 
 from fetal_head.evaluation.benchmark import select_labels  # noqa: E402
-from fetal_head.evaluation.core import MODES, evaluate, load_test_images, summarize, warm_embeddings  # noqa: E402
+from fetal_head.evaluation.core import FAILURE_DICE, MODES, evaluate, load_test_images, summarize, warm_embeddings  # noqa: E402
 from fetal_head.io.hc18 import read_cases  # noqa: E402
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
 from fetal_head.segmentation.model_store import ModelSource, meta_path, save_finetuned  # noqa: E402
@@ -242,7 +242,7 @@ def run(args):
 
 def below_080(rec, mode) -> int:
     """Images of a cell whose ``mode`` answer has Dice < 0.80 (the issue's failure count)."""
-    return sum(r["dice"] < 0.8 for r in rec["rows"] if r["mode"] == mode)
+    return sum(r["dice"] < FAILURE_DICE for r in rec["rows"] if r["mode"] == mode)
 
 
 def headline(results):

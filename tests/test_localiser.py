@@ -338,3 +338,28 @@ def test_checkpoint_carries_the_verifier(verifier, tmp_path):
     fresh.load_state_dict(state, strict=True)  # attaches itself from its keys
     assert int(getattr(fresh, HEAD_VERIFIER).trained_labels) == 8
     assert torch.equal(getattr(fresh, HEAD_VERIFIER).linear.weight, verifier[0].linear.weight)
+
+
+def test_uncertainty_scores_the_served_answer_and_its_head_probability(predictor, trained, verifier, samples):
+    """Active learning ranks what the user would be shown: with a localiser and a verifier, the uncertainty strategy's
+    answer is the served automatic one, and its ``not_head`` is 1 - that answer's head probability, weighted into
+    the score (docs/active_learning/uncertainty_served: it ranks the served failures first)."""
+    from fetal_head.segmentation.models import HEAD_VERIFIER
+    from fetal_head.selection import UNCERTAINTY_WEIGHTS, uncertainty
+
+    setattr(predictor.model, LOCALISER, trained)
+    setattr(predictor.model, HEAD_VERIFIER, verifier[0])
+    try:
+        for _, mask, _, image in samples["test"][:2]:
+            emb = predictor.embed(image)
+            comps, pred = uncertainty(predictor, emb, image=image)
+            served = predictor.predict(image, Prompt())
+            assert pred.confidence["source"] == served.confidence["source"] == "localiser"
+            assert mask_dice(pred.mask, served.mask) > 0.999
+            assert np.isclose(comps["not_head"], 1 - served.confidence["head_probability"], atol=1e-3)
+            assert np.isclose(comps["score"], sum(w * comps[k] for k, w in UNCERTAINTY_WEIGHTS.items()))
+            assert UNCERTAINTY_WEIGHTS["not_head"] > 0
+    finally:
+        for name in (LOCALISER, HEAD_VERIFIER):
+            if getattr(predictor.model, name, None) is not None:
+                delattr(predictor.model, name)

@@ -1,5 +1,5 @@
-"""Uncertainty sampling: the unlabelled image whose automatic answer SAM is least sure of
-(:func:`fetal_head.selection.uncertainty`)."""
+"""Uncertainty sampling: the unlabelled image whose automatic answer (the one the server would show) SAM is least
+sure of (:func:`fetal_head.selection.uncertainty`)."""
 
 from fetal_head.selection import select_uncertain
 
@@ -7,7 +7,7 @@ from .common import ScoredStrategy
 
 
 class Uncertainty(ScoredStrategy):
-    def __init__(self, service, description="Most uncertain automatic answer (perturbed-box disagreement, decoder IoU, ellipse fit)"):
+    def __init__(self, service, description="Most uncertain automatic answer (head probability, perturbed-box disagreement, decoder IoU, ellipse fit)"):
         super().__init__(description, service)
 
     def pick(self, unlabelled, labelled, scores, feats):

@@ -24,14 +24,13 @@ from tqdm import tqdm
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "..")
 sys.path.insert(0, os.path.join(REPO, "apps", "fetal_head", "lib"))
 
-from fetal_head.evaluation.core import image_metrics, load_test_images  # noqa: E402
+from fetal_head.evaluation.core import FAILURE_DICE, image_metrics, load_test_images  # noqa: E402
 from fetal_head.io.hc18 import read_cases  # noqa: E402
 from fetal_head.segmentation import Prompt  # noqa: E402
 from fetal_head.segmentation.box_search import REVIEW_BELOW  # noqa: E402
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
 from fetal_head.segmentation.model_store import ModelSource  # noqa: E402
 
-FAIL = 0.80
 FIELDS = ("head_probability", "box_search_agreement", "candidate_score", "decoder_iou", "localiser_score",
           "localiser_decoder_dice")
 
@@ -71,16 +70,16 @@ def report(args):
         rows = [json.loads(line) for line in f if line.strip()]
     dice = np.array([r["dice"] for r in rows])
     hc = np.array([r["hc_abs_diff_mm"] for r in rows])
-    failed = dice < FAIL
+    failed = dice < FAILURE_DICE
     lines = [f"# Automatic answers' confidence against their Dice ({len(rows)} HC18 test images)", "",
              f"Model: `{args.model_dir}`. Command: `python docs/eval/automatic/confidence/confidence.py --model-dir "
              f"{args.model_dir} --out {args.out}`. Automatic Dice {100 * dice.mean():.2f} %, {int(failed.sum())} "
-             f"answers below {FAIL:.2f}.", "",
+             f"answers below {FAILURE_DICE:.2f}.", "",
              f"HC abs. diff. of all automatic answers: {hc.mean():.2f} mm (median {np.median(hc):.2f} mm).", "",
              "| confidence field | answers with it | ROC AUC for a failure (low value = failure) |", "| --- | --- | --- |"]
     for k in FIELDS:
         have = [r for r in rows if isinstance(r["confidence"].get(k), (int, float))]
-        f = np.array([r["dice"] < FAIL for r in have])
+        f = np.array([r["dice"] < FAILURE_DICE for r in have])
         a = auc([r["confidence"][k] for r in have], f) if 0 < f.sum() < len(f) else float("nan")
         lines.append(f"| `{k}` | {len(have)} | {a:.3f} |")
     lines += ["", "A client flags an answer for a look when the field is below the threshold:", "",
@@ -117,11 +116,11 @@ def plot(rows, path):
     dice = np.array([r["dice"] for r in rows])
     for ax, k in zip(axes, ("head_probability", "box_search_agreement")):
         v = np.array([r["confidence"].get(k, np.nan) for r in rows], float)
-        ax.scatter(v, dice, s=12, c=np.where(dice < FAIL, "tab:red", "tab:blue"))
-        ax.axhline(FAIL, color="gray", lw=0.8, ls="--")
+        ax.scatter(v, dice, s=12, c=np.where(dice < FAILURE_DICE, "tab:red", "tab:blue"))
+        ax.axhline(FAILURE_DICE, color="gray", lw=0.8, ls="--")
         ax.set_xlabel(k)
         ax.set_ylabel("automatic Dice")
-        ax.set_title(f"{k} vs Dice (red: Dice < {FAIL:.2f})", fontsize=10)
+        ax.set_title(f"{k} vs Dice (red: Dice < {FAILURE_DICE:.2f})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -11,6 +11,8 @@ score through here, so their numbers mean the same thing.
 - Failures stay in the means with finite penalties instead of being dropped or NaN: an empty prediction scores
   Dice 0 and HD95 = the image diagonal; a prediction no ellipse fits measures HC 0, so its HC error is the
   reference HC. ``head_found`` marks these rows.
+- A *failed* answer, in the counts the reports and issue 12 give ("images below 0.80"), has Dice below
+  :data:`FAILURE_DICE`: at that overlap the answer is another structure or a fragment, not a loose head outline.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..segmentation.prompts import AUTOMATIC, Prompt, jitter_box, mask_box
 
 MODES = ("box", "click", AUTOMATIC)
 METRICS = ("dice", "hd95_mm", "hc_abs_diff_mm")
+FAILURE_DICE = 0.80
 
 
 @dataclass

@@ -75,7 +75,7 @@ class PoolScorer:
             if self.scores.get_feature(predictor.encoder_key, key) is None:
                 self.scores.put_feature(predictor.encoder_key, key, pooled_feature(emb))
             if hit is None:
-                hit, _ = uncertainty(predictor, emb)
+                hit, _ = uncertainty(predictor, emb, image=image)
                 self.scores.put_score(predictor.encoder_key, predictor.version, key, hit)
             return hit
 

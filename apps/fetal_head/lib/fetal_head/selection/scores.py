@@ -1,16 +1,20 @@
 """Uncertainty scores and diversity features of one image, from its (cached) SAM embedding.
 
 Uncertainty (higher = more informative), from one automatic answer plus one batched decoder call. The automatic
-answer is :func:`quick_automatic`: the trained automatic head when the model has one, else the box search around
-the image centre only (4 boxes + 3 re-prompts instead of the served search's 20 + 3: on 2 busy CPU cores the full
-search costs ~15 s per image, too much to score a pool):
+answer is :func:`automatic_answer`: the one the server would show (the head localiser's route with its verifier)
+once a retrain has attached a localiser, else :func:`quick_automatic` (the trained automatic head, else the box
+search around the image centre only: 4 boxes + 3 re-prompts instead of the served search's 20 + 3, which on 2 busy
+CPU cores costs ~15 s per image, too much to score a pool):
 
 - ``disagreement``: 1 - mean Dice (decoder grid) between the automatic answer and the answers to
   ``N_PERTURBED`` boxes around it, each side moved by up to ``PERTURB`` of the box size (a confident head is
   stable under small box changes; an ambiguous one is not);
 - ``low_iou``: 1 - the decoder's predicted IoU of the automatic answer;
 - ``non_ellipse``: 1 - :func:`~fetal_head.segmentation.box_search.ellipse_likeness` of the answer (heads are
-  ellipses; crescents and fragments are failures).
+  ellipses; crescents and fragments are failures);
+- ``not_head``: 1 - the head verifier's probability that the answer is the head (``head_probability`` of its
+  confidence; 0 when the model has no verifier): the served answers' failures are mostly another structure
+  (the fluid sac, the brain inside the skull), which this finds and the other three do not.
 
 The score is their weighted sum (:data:`UNCERTAINTY_WEIGHTS`); an empty automatic answer scores the maximum.
 Diversity features: the embedding average-pooled to a 2 x 2 grid (1024 values), L2-normalised.
@@ -18,7 +22,7 @@ Diversity features: the embedding average-pooled to a 2 x 2 grid (1024 values), 
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,8 +35,11 @@ from ..segmentation.prompts import Prompt, mask_dice
 N_PERTURBED = 4
 PERTURB = 0.08  # fraction of the box's width/height each side may move
 MARGIN_PX = 10.0  # the automatic answer's box grows by this before perturbing (boxes were trained 0-20 px out)
-UNCERTAINTY_WEIGHTS = {"disagreement": 1.0, "low_iou": 0.5, "non_ellipse": 0.5}
-SCORE_VERSION = "u2"  # bump when the score's definition changes (part of the cache key)
+# Measured on 150 unlabelled HC18 pool images (docs/active_learning/uncertainty_served): ROC AUC of the score for a
+# served failure (Dice < 0.80) 0.996 / 0.986 after 5 / 20 labels; scoring the served answer is most of the gain
+# (u2, the quick answer: 0.939 / 0.872) and not_head the rest at 5 labels (0.970 without it; 0.987 at 20).
+UNCERTAINTY_WEIGHTS = {"disagreement": 1.0, "low_iou": 0.5, "non_ellipse": 0.5, "not_head": 1.0}
+SCORE_VERSION = "u3"  # bump when the score's definition changes (part of the cache key); u3: the served answer
 
 
 @torch.inference_mode()
@@ -47,14 +54,25 @@ def quick_automatic(predictor: SamPredictor, emb: ImageEmbedding) -> Prediction:
 
 
 @torch.inference_mode()
-def uncertainty(predictor: SamPredictor, emb: ImageEmbedding, seed: int = 0) -> Tuple[Dict[str, float], Prediction]:
-    """The uncertainty components and total (``score``), and the automatic answer they were measured on."""
-    pred = quick_automatic(predictor, emb)
+def automatic_answer(predictor: SamPredictor, emb: ImageEmbedding, image: Optional[np.ndarray] = None) -> Prediction:
+    """The automatic answer a user would be shown: the served route (:meth:`SamPredictor.predict_automatic`) when
+    the model has a head localiser (every retrained model does), else :func:`quick_automatic` (zero-shot: the
+    served box search costs ~15 s per image on 2 busy cores, too much to score a pool)."""
+    if predictor.localiser is not None:
+        return predictor.predict_automatic(emb, image)
+    return quick_automatic(predictor, emb)
+
+
+@torch.inference_mode()
+def uncertainty_of(predictor: SamPredictor, emb: ImageEmbedding, pred: Prediction, seed: int = 0) -> Dict[str, float]:
+    """The uncertainty components and total (``score``) of one automatic answer ``pred`` of ``emb``."""
+    head_p = (pred.confidence or {}).get("head_probability")
+    not_head = 0.0 if head_p is None else float(np.clip(1.0 - head_p, 0, 1))
     h, w = emb.original_hw
     if pred.mask.sum() < 16:
-        out = {"disagreement": 1.0, "low_iou": 1.0, "non_ellipse": 1.0, "empty": 1.0}
+        out = {"disagreement": 1.0, "low_iou": 1.0, "non_ellipse": 1.0, "not_head": 1.0, "empty": 1.0}
         out["score"] = float(sum(UNCERTAINTY_WEIGHTS[k] * out[k] for k in UNCERTAINTY_WEIGHTS))
-        return out, pred
+        return out
     ch, cw = predictor.low_res_hw(emb)
     ref_low = (pred.logits[0, 0, :ch, :cw] > 0).cpu().numpy()
     rows, cols = np.nonzero(pred.mask)
@@ -69,9 +87,18 @@ def uncertainty(predictor: SamPredictor, emb: ImageEmbedding, seed: int = 0) -> 
     low = (logits[:, 0, :ch, :cw] > 0).cpu().numpy()
     agreement = float(np.mean([mask_dice(ref_low, m, empty=1.0) for m in low]))
     out = {"disagreement": 1.0 - agreement, "low_iou": float(np.clip(1.0 - pred.score, 0, 1)),
-           "non_ellipse": 1.0 - box_search.ellipse_likeness(ref_low), "empty": 0.0}
+           "non_ellipse": 1.0 - box_search.ellipse_likeness(ref_low), "not_head": not_head, "empty": 0.0}
     out["score"] = float(sum(UNCERTAINTY_WEIGHTS[k] * out[k] for k in UNCERTAINTY_WEIGHTS))
-    return out, pred
+    return out
+
+
+@torch.inference_mode()
+def uncertainty(predictor: SamPredictor, emb: ImageEmbedding, seed: int = 0,
+                image: Optional[np.ndarray] = None) -> Tuple[Dict[str, float], Prediction]:
+    """The uncertainty components and total (``score``) of the image's :func:`automatic_answer`, and that answer
+    (``image``, the frame ``emb`` encodes, lets the served route add its skull-ring candidate)."""
+    pred = automatic_answer(predictor, emb, image)
+    return uncertainty_of(predictor, emb, pred, seed), pred
 
 
 def pooled_feature(emb: ImageEmbedding) -> np.ndarray:
