@@ -350,7 +350,7 @@ def test_uncertainty_scores_the_served_answer_and_its_head_probability(predictor
     setattr(predictor.model, LOCALISER, trained)
     setattr(predictor.model, HEAD_VERIFIER, verifier[0])
     try:
-        for _, mask, _, image in samples["test"][:2]:
+        for _, mask, _, image in samples["test"][:1]:  # one image: the served route runs twice (~9 s)
             emb = predictor.embed(image)
             comps, pred = uncertainty(predictor, emb, image=image)
             served = predictor.predict(image, Prompt())

@@ -9,10 +9,10 @@ from typing import Any, Dict, Tuple, Union
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from fetal_head.biometry import BiometryError, measure_head
-from fetal_head.io import read_frame, write_mask
+from fetal_head.io import write_mask
+from fetal_head.measurement import measure_frame
 from fetal_head.segmentation.model_store import ServedModel
-from fetal_head.segmentation.prompts import pixel_size_from_request, prompt_from_request, prompt_mode
+from fetal_head.segmentation.prompts import pixel_size_from_request, prompt_from_request
 
 logger = logging.getLogger(__name__)
 
@@ -66,43 +66,15 @@ class FetalHeadSamInfer(InferTask):
         pixel_size = pixel_size_from_request(request.get("pixel_size_mm"))
         suffix = _result_suffix(request)  # refuse a bad option before the expensive work
         # the image only ever comes from a file (never an array in the request: clients must not inject one)
-        image, dicom_spacing, dicom = read_frame(request["image"], frame=_frame_index(request.get("frame")))
-        if pixel_size is None:  # the request's (or datastore's) pixel size wins over the file's
-            pixel_size = dicom_spacing
-        predictor = self.model.get()
-        hits_before = predictor.cache_hits
-        t1 = time.time()
-        pred = predictor.predict(image, prompt)
+        m = measure_frame(self.model.get(), request["image"], prompt, pixel_size, _frame_index(request.get("frame")))
         t2 = time.time()
-        result: Dict[str, Any] = {
-            "label_names": {"fetal_head": 1},
-            "prompt_mode": prompt_mode(prompt),
-            "score": round(pred.score, 4),
-            # automatic and click answers: which route answered, the localiser's score, agreement with the box search
-            "confidence": pred.confidence or None,
-            "model_version": predictor.version,
-            "image_size": [int(image.shape[1]), int(image.shape[0])],
-            # a further prompt on the same image skips the encoder (the in-memory embedding cache)
-            "embedding_cached": predictor.cache_hits > hits_before,
-        }
-        try:
-            result["biometry"] = measure_head(pred.mask, pixel_size).to_dict()
-        except BiometryError as e:
-            result["biometry"] = None
-            result["biometry_note"] = str(e)
-        if dicom is not None:
-            result["calibration"] = {"source": dicom["source"], "note": dicom["note"]}
-            if request.get("pixel_size_mm") is not None:
-                result["calibration"]["note"] += "; not used: pixel_size_mm from the request or datastore wins"
-            result["frame"] = {"index": dicom["frame_index"], "count": dicom["n_frames"]}
-        if pixel_size is None and result.get("biometry"):
-            result["biometry_note"] = "pixel size unknown: measurements are in pixels only"
         label_file = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
-        write_mask(pred.mask, label_file, spacing_mm=pixel_size)
+        write_mask(m.mask, label_file, spacing_mm=m.pixel_size)
+        result = m.result
         result["latencies"] = {
-            "pre": round(t1 - t0, 3),
-            "infer": round(t2 - t1, 3),
-            "post": round(time.time() - t2, 3),
+            "pre": round(t2 - t0 - m.seconds["segment"] - m.seconds["measure"], 3),
+            "infer": round(m.seconds["segment"], 3),
+            "post": round(time.time() - t2 + m.seconds["measure"], 3),
             "total": round(time.time() - t0, 3),
         }
         return label_file, result
