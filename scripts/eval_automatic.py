@@ -50,8 +50,9 @@ from fetal_head.segmentation.training import (TrainConfig, checkpoint_meta, fine
 TRAIN_STEPS, BATCH, LR, MAX_EPOCHS, MAX_VAL = 100, 4, 1e-4, 40, 20
 
 
-def train_cell(pool, n, seed, args, work, tag, base_dir=None):
-    chosen = select_labels(pool, n, seed)
+def train_cell(pool, n, seed, args, work, tag, base_dir=None, chosen=None):
+    """Train one cell on ``chosen`` labels (default: ``n`` of ``pool`` drawn with ``seed``, the benchmark's draw)."""
+    chosen = select_labels(pool, n, seed) if chosen is None else chosen
     items = label_items(chosen, os.path.join(work, "labels"))
     val_split = 0.2 if n * 0.2 <= MAX_VAL else MAX_VAL / n
     cfg = TrainConfig(train_batch_size=BATCH, val_split=val_split, learning_rate=LR, seed=seed,
