@@ -35,24 +35,18 @@ from tqdm import tqdm
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(REPO, "apps", "fetal_head", "lib"))
 
-from fetal_head.biometry import ellipse_mask, measure_head  # noqa: E402
-from fetal_head.io import read_image  # noqa: E402
+from fetal_head.biometry import ellipse_mask  # noqa: E402
 from fetal_head.io.common import ImageReadError  # noqa: E402
+from fetal_head.io.dicom_us import is_dicom_file  # noqa: E402
+from fetal_head.io.images import ITK_LABEL_SUFFIXES  # noqa: E402
 from fetal_head.measurement import measure_frame  # noqa: E402
 from fetal_head.segmentation.model_store import ModelSource  # noqa: E402
 from fetal_head.segmentation.prompts import PromptError, pixel_size_from_request  # noqa: E402
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")
+# what the readers of fetal_head.io take: bitmaps by name, NRRD/NIfTI/MHA by name, DICOM by content or *.dcm
+SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp") + ITK_LABEL_SUFFIXES
 COLUMNS = ("scan", "hc_mm", "bpd_mm", "ofd_mm", "hc_px", "pixel_size_x_mm", "pixel_size_y_mm", "pixel_size_from",
            "route", "head_probability", "needs_review", "decoder_score", "model_version", "note", "error")
-
-
-def is_dicom(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
 
 
 def scans(inputs):
@@ -62,7 +56,7 @@ def scans(inputs):
         if os.path.isdir(p):
             names = sorted(os.listdir(p))
             out += [os.path.join(p, n) for n in names if os.path.isfile(os.path.join(p, n))
-                    and (n.lower().endswith(SUFFIXES) or is_dicom(os.path.join(p, n)))]
+                    and (n.lower().endswith(SUFFIXES) or is_dicom_file(os.path.join(p, n)))]
         else:
             out.append(p)
     return out
@@ -100,14 +94,13 @@ def overlay(path, m, row, out_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    image = read_image(path)
-    h, w = image.shape
+    h, w = m.image.shape
     fig, ax = plt.subplots(figsize=(6, 6 * h / w))
-    ax.imshow(image, cmap="gray")
+    ax.imshow(m.image, cmap="gray")
     if m.mask.any():
         ax.contour(m.mask, levels=[0.5], colors="yellow", linewidths=1.0)
-        bio = measure_head(m.mask, m.pixel_size)
-        ax.contour(ellipse_mask(m.mask.shape, bio), levels=[0.5], colors="cyan", linewidths=1.0, linestyles="--")
+    if m.biometry is not None:
+        ax.contour(ellipse_mask(m.mask.shape, m.biometry), levels=[0.5], colors="cyan", linewidths=1.0, linestyles="--")
     hc = f"HC {row['hc_mm']:.1f} mm" if row.get("hc_mm") not in (None, "") else (
         f"HC {row['hc_px']:.0f} px" if row.get("hc_px") not in (None, "") else "no head found")
     check = row.get("needs_review") is True or not m.mask.any()

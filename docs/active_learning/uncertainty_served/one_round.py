@@ -69,30 +69,26 @@ def run(arm, hc18, threads):
 
 
 def report():
-    lines = ["| 10 labels (5 of the 5-label model + 5 picked) | picked | box Dice | automatic Dice | automatic < 0.80 "
-             "| automatic HC abs. diff. |", "| --- | --- | --- | --- | --- | --- |"]
+    arms = {}  # arm -> the cell's scored rows
     for arm in ("random", "u3"):
         path = os.path.join(WORK, "cells", f"n10_{arm}.jsonl")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        if os.path.isfile(path):
+            with open(path) as f:
+                arms[arm] = [json.loads(line) for line in f if line.strip()]
+    lines = ["| 10 labels (5 of the 5-label model + 5 picked) | picked | box Dice | automatic Dice | automatic < 0.80 "
+             "| automatic HC abs. diff. |", "| --- | --- | --- | --- | --- | --- |"]
+    for arm, rows in arms.items():
         box = np.array([r["dice"] for r in rows if r["mode"] == "box"])
         auto = np.array([r["dice"] for r in rows if r["mode"] == "automatic"])
         hc = np.array([r["hc_abs_diff_mm"] for r in rows if r["mode"] == "automatic"])
         lines.append(f"| {arm} ({len(auto)} test images) | {', '.join(picks(arm))} | {100 * box.mean():.2f} % | "
                      f"{100 * auto.mean():.2f} % | {int((auto < FAILURE_DICE).sum())} | {hc.mean():.2f} mm |")
-    paired = {}
-    for arm in ("random", "u3"):
-        path = os.path.join(WORK, "cells", f"n10_{arm}.jsonl")
-        if os.path.isfile(path):
-            with open(path) as f:
-                paired[arm] = {(r["image"], r["mode"]): r["dice"] for r in map(json.loads, filter(str.strip, f))}
-    if len(paired) == 2:
+    if len(arms) == 2:
+        dice = {arm: {(r["image"], r["mode"]): r["dice"] for r in rows} for arm, rows in arms.items()}
         lines.append("")
         for mode in ("box", "automatic"):
-            keys = sorted(k for k in paired["u3"] if k[1] == mode and k in paired["random"])
-            d = np.array([paired["u3"][k] - paired["random"][k] for k in keys])
+            keys = sorted(k for k in dice["u3"] if k[1] == mode and k in dice["random"])
+            d = np.array([dice["u3"][k] - dice["random"][k] for k in keys])
             lines.append(f"Paired on {len(keys)} test images, {mode}: u3 - random = {100 * d.mean():+.2f} points "
                          f"(better / worse by more than one point on {int((d > 0.01).sum())} / {int((d < -0.01).sum())} images).")
     print("\n".join(lines))

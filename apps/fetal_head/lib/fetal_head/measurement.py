@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .biometry import BiometryError, measure_head
+from .biometry import BiometryError, HeadBiometry, measure_head
 from .io import read_frame
 from .segmentation.predictor import SamPredictor
 from .segmentation.prompts import Prompt, prompt_mode
@@ -22,7 +22,9 @@ from .segmentation.prompts import Prompt, prompt_mode
 
 @dataclass
 class Measurement:
+    image: np.ndarray  # (H, W) uint8, the frame that was segmented
     mask: np.ndarray  # (H, W) bool, in the frame's own geometry
+    biometry: Optional[HeadBiometry]  # the fitted ellipse (None: no head to fit); result["biometry"] is its dict
     result: Dict[str, Any]  # JSON-ready: the infer answer's fields (see :func:`measure_frame`)
     pixel_size: Optional[Tuple[float, float]]  # (x, y) mm used for the biometry, None when unknown
     seconds: Dict[str, float]  # read, segment, measure
@@ -54,9 +56,10 @@ def measure_frame(predictor: SamPredictor, path: str, prompt: Prompt = Prompt(),
         "embedding_cached": predictor.cache_hits > hits_before,
     }
     try:
-        result["biometry"] = measure_head(pred.mask, pixel_size).to_dict()
+        biometry = measure_head(pred.mask, pixel_size)
+        result["biometry"] = biometry.to_dict()
     except BiometryError as e:
-        result["biometry"] = None
+        biometry = result["biometry"] = None
         result["biometry_note"] = str(e)
     if dicom is not None:
         result["calibration"] = {"source": dicom["source"], "note": dicom["note"]}
@@ -66,4 +69,4 @@ def measure_frame(predictor: SamPredictor, path: str, prompt: Prompt = Prompt(),
     if pixel_size is None and result.get("biometry"):
         result["biometry_note"] = "pixel size unknown: measurements are in pixels only"
     seconds = {"read": t1 - t0, "segment": t2 - t1, "measure": time.time() - t2}
-    return Measurement(pred.mask, result, None if pixel_size is None else tuple(pixel_size), seconds)
+    return Measurement(image, pred.mask, biometry, result, None if pixel_size is None else tuple(pixel_size), seconds)
