@@ -30,12 +30,6 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "apps" / "fetal_head" / "lib"))
 
 
-def dice(a, b) -> float:
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
-
-
 def ask(url, image_id, box, timeout=600):
     t0 = time.time()
     r = requests.post(f"{url}/infer/fetal_head_sam", params={"image": image_id, "output": "image"},
@@ -63,7 +57,7 @@ def main():
 
     from conftest import HC18, Server, make_app_copy, read_hc18
     from fetal_head.io.hc18 import import_cases
-    from fetal_head.segmentation.prompts import mask_box
+    from fetal_head.segmentation.prompts import mask_box, mask_dice
 
     cases = [c for c in read_hc18(HC18) if c.split == "test"][: args.images]
     server, tmp = None, None
@@ -124,8 +118,8 @@ def main():
 
         errors = [r[3] for r in results if r[3]]
         ok = [r for r in results if not r[3]]
-        same = [dice(mask, sequential[image_id]) for image_id, mask, _, _, _ in ok]
-        vs_label = [dice(mask, ref) for _, mask, _, _, ref in ok]
+        same = [mask_dice(mask > 0, sequential[image_id] > 0, empty=1.0) for image_id, mask, _, _, _ in ok]
+        vs_label = [mask_dice(mask > 0, ref > 0, empty=1.0) for _, mask, _, _, ref in ok]
         latencies = [r[2] for r in ok]
         finite_info = [t for t in info_times if np.isfinite(t)]
         summary = {

@@ -41,5 +41,16 @@ install() {
 install torch==2.14.1 torchvision==0.29.1
 SAM2_BUILD_CUDA=0 install --no-build-isolation sam2==1.1.0
 install -e ".[test]"
+if [ ${#UV_ARGS[@]} -gt 0 ]; then
+  # monailabel's wheel carries a build tag in its data folder's name (monailabel-0.8.5-202411252313.data), which uv
+  # copies into site-packages as it is: no `monailabel` launcher in bin/, no logconfig/. pip installs it right.
+  version=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('monailabel'))")
+  pip_install --no-deps --force-reinstall "monailabel==$version"
+  rm -rf "$VENV"/lib/python3*/site-packages/monailabel-*.data
+fi
+if [ ! -x "$VENV/bin/monailabel" ]; then
+  echo "setup: $VENV/bin/monailabel is missing: the server cannot start" >&2
+  exit 1
+fi
 touch "$STAMP"
 echo "setup: .venv ready in $(( $(date +%s) - start )) s"
