@@ -1,15 +1,12 @@
 """scripts/import_hc18.py: an HC18-style folder becomes a MONAI Label datastore with labels and pixel sizes."""
 
 import json
-import runpy
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, run_script
 
 
 def test_import_fills_outlines_and_records_pixel_sizes(tmp_path, hc18):
@@ -29,9 +26,7 @@ def test_import_fills_outlines_and_records_pixel_sizes(tmp_path, hc18):
     (src / "pixel_size_and_HC.csv").write_text("\n".join(rows) + "\n")
 
     dst = tmp_path / "datastore"
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "import_hc18.py"), str(src), str(dst)],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert run_script(REPO / "scripts" / "import_hc18.py", src, dst) == 0
     store = json.loads((dst / "datastore_v2.json").read_text())
     for c in others + [with_ann]:
         obj = store["objects"][c.image_id]
@@ -48,6 +43,5 @@ def test_import_fills_outlines_and_records_pixel_sizes(tmp_path, hc18):
     corrected = dst / "labels" / "final" / f"{others[0].image_id}.png"
     Image.fromarray(np.zeros((540, 800), np.uint8)).save(corrected)
     before = corrected.read_bytes()
-    # in process this time (the command line ran above; a second interpreter would only add ~10 s of imports)
-    runpy.run_path(str(REPO / "scripts" / "import_hc18.py"))["main"]([str(src), str(dst)])
+    assert run_script(REPO / "scripts" / "import_hc18.py", src, dst) == 0
     assert corrected.read_bytes() == before

@@ -1,33 +1,19 @@
 """Batch measurement (scripts/measure.py) on real HC18 test-split scans, as PNG with HC18's pixel-size CSV and as a
-calibrated US DICOM file in a PACS export's study/series folders, plus one unreadable file: every readable scan gets HC/BPD/OFD in mm near the reference
-and an overlay, the unreadable one a row saying why, and the exit status says a scan failed. The answers are the
-server's: the same function answers an infer request (tests/test_sam.py and the server tests)."""
+calibrated US DICOM file in a PACS export's study/series folders, plus one unreadable file: every readable scan gets
+HC/BPD/OFD in mm near the reference and an overlay, the unreadable one a row saying why, and the exit status says a
+scan failed. The answers are the server's: the same function answers an infer request (tests/test_sam.py and the
+server tests)."""
 
 import csv
-import runpy
 import shutil
-import sys
 
 import numpy as np
 
-from conftest import HC18, REPO, test_split
+from conftest import HC18, REPO, run_script, test_split
 from fetal_head.io.dicom_us import write_ultrasound
 from fetal_head.io import read_image
 
 SCRIPT = REPO / "scripts" / "measure.py"
-
-
-def run_script(*args):
-    """scripts/measure.py as a program (its own argument parsing and exit status), in this process: a subprocess
-    would spend ~8 s of CI importing torch again."""
-    argv, sys.argv = sys.argv, [str(SCRIPT), *map(str, args)]
-    try:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-    except SystemExit as e:
-        return e.code
-    finally:
-        sys.argv = argv
-    return 0
 
 
 def test_measure_a_folder_of_png_and_dicom_scans(hc18, tmp_path, capsys):
@@ -45,7 +31,7 @@ def test_measure_a_folder_of_png_and_dicom_scans(hc18, tmp_path, capsys):
     shutil.copy(series / uid, scans / "EXPORT" / "DICOMDIR")
     (scans / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "out"
-    status = run_script(scans, "--out", out, "--pixel-sizes", HC18 / "pixel_size_and_HC.csv")
+    status = run_script(SCRIPT, scans, "--out", out, "--pixel-sizes", HC18 / "pixel_size_and_HC.csv")
     stdout = capsys.readouterr().out
     print(stdout)
     assert status == 1, "a scan failed: the exit status must say so"
