@@ -7,9 +7,10 @@ served model (a CSV, an overlay per scan, and which answers to check).
     python scripts/measure.py SCANS/ --pixel-size 0.12 --model-dir apps/fetal_head/model
 
 Inputs: files or folders (subfolders included, as in a PACS export) of PNG/JPEG/TIFF/BMP frames, DICOM (``*.dcm``
-or 'DICM' files; the first frame of a cine loop) and 2D NRRD/NIfTI/MHA. Each scan is answered exactly as the server's automatic request answers it
-(:func:`fetal_head.measurement.measure_frame`). The pixel size comes from ``--pixel-sizes`` or ``--pixel-size``,
-else from the file's own calibration, else the row is in pixels only. Written to ``--out``:
+or 'DICM' files; the first frame of a cine loop) and 2D NRRD/NIfTI/MHA. Each scan is answered exactly as the
+server's automatic request answers it (:func:`fetal_head.measurement.measure_frame`). The pixel size comes from
+``--pixel-sizes`` or ``--pixel-size``, else from the file's own calibration, else the row is in pixels only. Written
+to ``--out``:
 
 - ``measurements.csv``: one row per scan: HC / BPD / OFD in mm (and HC in px), the pixel size and where it came
   from, the route that answered, ``head_probability`` and ``needs_review`` (with a model retrained on a few labels:
@@ -49,23 +50,36 @@ COLUMNS = ("scan", "hc_mm", "bpd_mm", "ofd_mm", "hc_px", "pixel_size_x_mm", "pix
            "route", "head_probability", "needs_review", "decoder_score", "model_version", "note", "error")
 
 
+def overlay_stem(name: str) -> str:
+    """``name`` without its image suffix; only a known suffix goes, so a DICOM file named by its UID
+    (1.2.840....5) keeps every digit group."""
+    known = [x for x in SUFFIXES + (".dcm",) if name.lower().endswith(x)]
+    return name[: -len(max(known, key=len))] if known else name
+
+
+def is_scan(path: str) -> bool:
+    name = os.path.basename(path)
+    return (name.upper() != "DICOMDIR" and os.path.isfile(path)
+            and (name.lower().endswith(SUFFIXES) or is_dicom_file(path)))
+
+
 def scans(inputs, skip=None):
-    """(path, overlay name) of each scan: each file named, and the image files under each folder, subfolders
+    """(path, overlay stem) of each scan: each file named, and the image files under each folder, subfolders
     included (a PACS export's study/series folders of extension-less DICOM files), sorted. Not scans: a DICOMDIR
     index, hidden folders, and ``skip`` (the output folder, when it lies inside an input folder)."""
     out = []
     skip = os.path.abspath(skip) if skip else None
     for p in inputs:
         if not os.path.isdir(p):
-            out.append((p, os.path.basename(p)))
+            out.append((p, overlay_stem(os.path.basename(p))))
             continue
         for root, dirs, names in os.walk(p):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.abspath(os.path.join(root, d)) != skip)
-            for n in sorted(names):
-                path = os.path.join(root, n)
-                if n.upper() != "DICOMDIR" and os.path.isfile(path) and (n.lower().endswith(SUFFIXES) or is_dicom_file(path)):
+            dirs[:] = sorted(d for d in dirs
+                             if not d.startswith(".") and os.path.abspath(os.path.join(root, d)) != skip)
+            for path in (os.path.join(root, n) for n in sorted(names)):
+                if is_scan(path):
                     # the overlay's name keeps the subfolders, so two series' IM000001 do not overwrite each other
-                    out.append((path, os.path.relpath(path, p).replace(os.sep, "__")))
+                    out.append((path, overlay_stem(os.path.relpath(path, p).replace(os.sep, "__"))))
     return out
 
 
@@ -149,7 +163,7 @@ def main():
     predictor = ModelSource(model_dir=args.model_dir, sam_checkpoint=args.sam_checkpoint,
                             sam_model_type=args.sam_model_type).load()
     rows, failed = [], 0
-    for path, shown in tqdm(files, desc="measuring", unit="scan"):
+    for path, stem in tqdm(files, desc="measuring", unit="scan"):
         name = os.path.basename(path)
         given = fixed if fixed is not None else (
             (sizes[name], sizes[name]) if name in sizes else None)
@@ -163,9 +177,6 @@ def main():
         row = row_of(path, m, given_from)
         rows.append(row)
         if not args.no_overlays:
-            # only a known suffix goes: a DICOM file named by its UID (1.2.840....5) keeps every digit group
-            known = [x for x in SUFFIXES + (".dcm",) if shown.lower().endswith(x)]
-            stem = shown[: -len(max(known, key=len))] if known else shown
             overlay(path, m, row, os.path.join(args.out, "overlays", f"{stem}.png"))
     csv_path = os.path.join(args.out, "measurements.csv")
     with open(csv_path, "w", newline="") as f:
