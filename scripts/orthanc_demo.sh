@@ -32,7 +32,7 @@ try:
     print(f"Orthanc {orthanc.url} (DICOMweb {orthanc.dicomweb_url}) holds {len(orthanc.instances())} instances "
           f"({sum(a['Status'] == 'Success' for a in answers)} new); log: {orthanc.log_path}")
     print("\nIn another terminal:\n  source .venv/bin/activate\n"
-          f"  monailabel start_server --app apps/fetal_head --studies {orthanc.dicomweb_url} --host 127.0.0.1 --port 8000\n"
+          f"  OMP_WAIT_POLICY=PASSIVE monailabel start_server --app apps/fetal_head --studies {orthanc.dicomweb_url} --host 127.0.0.1 --port 8000\n"
           "then open http://127.0.0.1:8000/ohif/ or connect 3D Slicer. Ctrl-C here stops Orthanc.")
     while orthanc.proc.poll() is None:
         time.sleep(1)

@@ -39,6 +39,23 @@ FULL_HC18_MISSING = (f"needs the full HC18 set (595 images), not found at {HC18_
 
 sys.path.insert(0, str(APP_DIR / "lib"))  # the domain package works without installation too
 
+# As the Makefile sets it for `make test`: torch's OpenMP threads sleep rather than spin between parallel regions,
+# so two test workers, or a server and its training subprocess, do not steal each other's cores. Set before any
+# test imports torch (OpenMP reads it then); the servers and training processes the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Seconds each module took one after another (2-core CPU, 2026-11-27, `pytest --durations=0`). With test workers
+# (`make test`: pytest-xdist, a file to a worker) the longest files start first, so that the last file to finish is
+# a short one; a module not listed runs after these, in collection order.
+MODULE_SECONDS = {"test_training.py": 361, "test_localiser.py": 195, "test_synthesis.py": 147,
+                  "test_benchmark.py": 88, "test_slicer_protocol.py": 78, "test_ohif.py": 67,
+                  "test_activelearning.py": 62, "test_server_e2e.py": 57, "test_sam.py": 43, "test_dicomweb.py": 40,
+                  "test_security.py": 34, "test_robustness.py": 26, "test_biometry.py": 25}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, 0))  # stable: a module's own order is kept
+
 
 def dice(a, b) -> float:
     """Dice through MONAI's metric, on binary masks of the same shape."""

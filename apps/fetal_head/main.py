@@ -40,6 +40,12 @@ from lib.trainers.synthesis_train import TRAIN_NAME as SYNTHESIS_TRAIN_NAME, Syn
 
 logger = logging.getLogger(__name__)
 
+# torch's OpenMP threads spin between parallel regions by default; beside MONAI Label's training subprocess that
+# steals the other process's cores: an encode took 3.6 s instead of 2.7 s, the training 56 s instead of 39 s
+# (scripts/bench_contention.py, 2 cores). The training and scoring subprocesses inherit this; OpenMP reads it when
+# torch loads, so the server process itself needs it in its own environment (Makefile, README).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 INFER_NAME = "fetal_head_sam"
 AUTO_INFER_NAME = "fetal_head_auto"
 DEFAULT_STRATEGY = "random"  # the simulated study's pick (README "Active learning")
