@@ -161,6 +161,27 @@ def run_script(script: Path, *args) -> int:
     return 0
 
 
+# One folder of image embeddings for every server of a test run, both pytest-xdist workers included (the first
+# process to configure names it; workers inherit it). Embeddings are keyed by the encoder's weights and the pixels
+# (fetal_head.segmentation.embedding_cache), so sharing is safe, and it is what a user's server does across restarts;
+# a test that counts encoder runs passes its own folder. Removed when the run ends.
+SHARED_EMBEDDINGS_ENV = "FETAL_HEAD_TEST_EMBEDDINGS"
+
+
+def pytest_configure(config):
+    if not os.environ.get(SHARED_EMBEDDINGS_ENV):
+        import tempfile
+
+        os.environ[SHARED_EMBEDDINGS_ENV] = tempfile.mkdtemp(prefix="fetal_head_embeddings_")
+        config._fetal_head_embeddings = os.environ[SHARED_EMBEDDINGS_ENV]
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_fetal_head_embeddings", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,7 +198,7 @@ class Server:
         env["MONAI_LABEL_DATASTORE_AUTO_RELOAD"] = "false"
         cmd = [str(venv_bin / "monailabel"), "start_server", "--app", str(model_dir_app), "--studies", str(studies),
                "--host", "127.0.0.1", "--port", str(self.port)]
-        for k, v in conf:
+        for k, v in {"embedding_cache_dir": os.environ[SHARED_EMBEDDINGS_ENV], **dict(conf)}.items():
             cmd += ["--conf", k, v]
         self.log = log
         self._logf = open(log, "wb")

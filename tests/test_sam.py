@@ -98,6 +98,29 @@ def test_served_model_keeps_embeddings_across_a_decoder_only_retrain(hc18, tmp_p
     assert third is not second and third.embed(img) is not e1 and third.cache_misses == 1
 
 
+def test_server_embeddings_outlive_a_restart_and_feed_the_trainer(hc18, tmp_path):
+    """The server keeps embeddings on disk (``--conf embedding_cache_dir``): after a restart, and in the trainer
+    and active learning (the same folder), an image it has answered on is not encoded again (~1-2 s on 2 cores),
+    and the answer is the same as before the restart."""
+    from fetal_head.segmentation.embedding_cache import EmbeddingCache
+    from fetal_head.segmentation.model_store import ModelSource, ServedModel
+
+    case = test_split(hc18, "test", 3, seed=3)[0]
+    image, ref = read_image(case.image_path), case.load_mask()
+    rows, cols = np.nonzero(ref)
+    box = Prompt(box=(cols.min(), rows.min(), cols.max(), rows.max()))
+    first = ServedModel(ModelSource(model_dir=str(tmp_path / "model")), str(tmp_path / "emb")).get()
+    before = first.predict(image, box).mask
+    assert (first.cache_misses, first.cache_hits) == (1, 0)
+    restarted = ServedModel(ModelSource(model_dir=str(tmp_path / "model")), str(tmp_path / "emb")).get()
+    after = restarted.predict(image, box).mask
+    assert (restarted.cache_misses, restarted.cache_hits) == (0, 1)  # read from disk, not encoded
+    assert np.array_equal(before, after) and dice(after, ref) > 0.9
+    trainer_cache = EmbeddingCache(str(tmp_path / "emb"), restarted)
+    trainer_cache.get(image)
+    assert (trainer_cache.hits, trainer_cache.misses) == (1, 0)
+
+
 def test_bf16_encoder_answers_like_fp32_under_its_own_cache_key(hc18):
     """The bf16 encoder (the default where the CPU runs bf16 natively) must not change answers that matter, and its
     embeddings must never be mixed with fp32 ones."""

@@ -64,7 +64,9 @@ class FetalHeadApp(MONAILabelApp):
             device=conf.get("device", "cpu"),
             cache_size=int(conf.get("embedding_cache_size", 16)),
         )
-        self.served_model = ServedModel(self.source)
+        # one disk cache of image embeddings for inference, training and active learning (~2 MB an image)
+        self.embedding_dir = conf.get("embedding_cache_dir") or os.path.join(self.model_dir, "embedding_cache")
+        self.served_model = ServedModel(self.source, self.embedding_dir)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -109,18 +111,18 @@ class FetalHeadApp(MONAILabelApp):
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         return {
-            INFER_NAME: FetalHeadSamTrain(self.source, cache_dir=self.conf.get("embedding_cache_dir", "")),
+            INFER_NAME: FetalHeadSamTrain(self.source, cache_dir=self.embedding_dir),
             SYNTHESIS_TRAIN_NAME: SynthesisTrain(self.model_dir, self.source),
         }
 
     def init_strategies(self) -> Dict[str, Strategy]:
         """Active learning (lib/activelearning): the default first (the simulated study's pick, README "Active
         learning"), then the others; all return unlabelled real images only. Scores and embeddings are cached on
-        disk (``--conf score_cache_dir``, ``--conf embedding_cache_dir``, shared with the trainer). Retraining in the
-        loop: ``--conf auto_retrain_every K`` (0: off), ``auto_retrain_epochs E``, ``auto_retrain_options JSON``."""
-        cache_dir = self.conf.get("embedding_cache_dir") or os.path.join(self.model_dir, "embedding_cache")
+        disk (``--conf score_cache_dir``, ``--conf embedding_cache_dir``, shared with inference and the trainer).
+        Retraining in the loop: ``--conf auto_retrain_every K`` (0: off), ``auto_retrain_epochs E``,
+        ``auto_retrain_options JSON``."""
         score_dir = self.conf.get("score_cache_dir") or os.path.join(self.model_dir, "score_cache")
-        service = SelectionService(PoolScorer(self.served_model.get, cache_dir, score_dir))
+        service = SelectionService(PoolScorer(self.served_model.get, self.embedding_dir, score_dir))
         self._selection = service
         self._auto_retrain = AutoRetrain(
             int(self.conf.get("auto_retrain_every", 0) or 0),

@@ -52,7 +52,7 @@ def measure_frame(predictor: SamPredictor, path: str, prompt: Prompt = Prompt(),
         "confidence": pred.confidence or None,
         "model_version": predictor.version,
         "image_size": [int(image.shape[1]), int(image.shape[0])],
-        # a further prompt on the same image skips the encoder (the in-memory embedding cache)
+        # the encoder did not run: the embedding came from memory (a further prompt) or disk (embedding_cache_dir)
         "embedding_cached": predictor.cache_hits > hits_before,
     }
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,16 +26,30 @@ class EmbeddingCache:
 
     def __init__(self, cache_dir: str, predictor: SamPredictor):
         self.predictor = predictor
-        self.dir = os.path.join(cache_dir, predictor.encoder_key)  # encoder weights + preprocessing
+        self.root = cache_dir
         os.makedirs(self.dir, exist_ok=True)
         self.hits = 0
         self.misses = 0
+
+    @property
+    def dir(self) -> str:
+        """The current encoder's folder: read at each use, so an encoder fine-tuned in place (its key refreshed)
+        never reads or writes the old encoder's entries."""
+        return os.path.join(self.root, self.predictor.encoder_key)
 
     def path(self, image: np.ndarray, flipped: bool) -> str:
         return os.path.join(self.dir, SamPredictor.image_key(image) + ("_flip" if flipped else "") + ".pt")
 
     def get(self, image: np.ndarray, flipped: bool = False) -> ImageEmbedding:
         """``image`` is the unflipped frame; the flipped embedding is of ``image[:, ::-1]``."""
+        emb = self.load(image, flipped)
+        if emb is not None:
+            return emb
+        frame = np.ascontiguousarray(image[:, ::-1]) if flipped else image
+        return self.store(image, self.predictor.encode([frame])[0], flipped)
+
+    def load(self, image: np.ndarray, flipped: bool = False) -> Optional[ImageEmbedding]:
+        """The stored embedding, or None (a miss: the caller encodes the frame and may :meth:`store` it)."""
         path = self.path(image, flipped)
         if os.path.isfile(path):
             try:
@@ -48,10 +63,12 @@ class EmbeddingCache:
             except Exception as e:  # an unreadable entry is recomputed, never trusted
                 logger.warning(f"embedding cache entry {path} unreadable ({e}); recomputing")
         self.misses += 1
-        frame = np.ascontiguousarray(image[:, ::-1]) if flipped else image
-        emb = self.predictor.encode([frame])[0]
-        emb = ImageEmbedding(features=emb.features.detach().cpu().clone(), original_hw=emb.original_hw, input_hw=emb.input_hw)
+        return None
+
+    def store(self, image: np.ndarray, emb: ImageEmbedding, flipped: bool = False) -> ImageEmbedding:
+        """Write ``emb`` (of ``image``, or of its mirror image with ``flipped``); returns it as it reads back."""
+        features = emb.features.detach().cpu().half()
         # float16 halves the disk use (4 MB -> 2 MB per LiteMedSAM image); the rounding is far below label noise
-        atomic_torch_save({"features": emb.features.half(), "original_hw": torch.tensor(emb.original_hw),
-                           "input_hw": torch.tensor(emb.input_hw)}, path)
-        return ImageEmbedding(features=emb.features.half().float(), original_hw=emb.original_hw, input_hw=emb.input_hw)
+        atomic_torch_save({"features": features, "original_hw": torch.tensor(emb.original_hw),
+                           "input_hw": torch.tensor(emb.input_hw)}, self.path(image, flipped))
+        return ImageEmbedding(features=features.float(), original_hw=emb.original_hw, input_hw=emb.input_hw)

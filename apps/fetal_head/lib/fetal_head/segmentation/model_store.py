@@ -25,6 +25,7 @@ import torch
 
 from ..files import atomic_json, atomic_torch_save
 from .models import AUTOMATIC_DECODER, LITEMEDSAM, attach_automatic_decoder, build_model, upgrade_state_dict
+from .embedding_cache import EmbeddingCache
 from .predictor import SamPredictor
 
 logger = logging.getLogger(__name__)
@@ -81,10 +82,13 @@ class ModelSource:
 
 
 class ServedModel:
-    """The predictor the server answers with, shared by every infer task; reloads when the weights change."""
+    """The predictor the server answers with, shared by every infer task; reloads when the weights change.
+    With ``embedding_dir`` its embeddings are also kept on disk there (:class:`EmbeddingCache`, the folder the
+    trainer and active learning read), so an image is encoded once for inference, selection and training."""
 
-    def __init__(self, source: ModelSource):
+    def __init__(self, source: ModelSource, embedding_dir: Optional[str] = None):
         self.source = source
+        self.embedding_dir = embedding_dir
         self._predictor: Optional[SamPredictor] = None
         self._lock = threading.Lock()
 
@@ -94,6 +98,8 @@ class ServedModel:
             if self._predictor is None or self._predictor.version != version:
                 logger.info(f"Loading SAM weights: {version}")
                 old, self._predictor = self._predictor, self.source.load()
+                if self.embedding_dir:
+                    self._predictor.disk_cache = EmbeddingCache(self.embedding_dir, self._predictor)
                 if old is not None:
                     # a retrain of the decoders keeps the encoder: its cached embeddings stay valid (the cache is
                     # keyed by the encoder's weights, so a changed encoder simply misses)

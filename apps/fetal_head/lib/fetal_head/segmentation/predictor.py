@@ -114,8 +114,11 @@ class SamPredictor:
         self.cache_size = cache_size
         self._cache: "OrderedDict[tuple, ImageEmbedding]" = OrderedDict()
         self._lock = threading.RLock()
-        self.cache_hits = 0
-        self.cache_misses = 0
+        self.cache_hits = 0  # embeddings served without running the encoder (from memory or ``disk_cache``)
+        self.cache_misses = 0  # encoder runs
+        # an optional :class:`~.embedding_cache.EmbeddingCache` behind the in-memory one (the server's, shared with
+        # its trainer and active learning): an image encoded for any of them, or before a restart, is not encoded again
+        self.disk_cache = None
         # automatic answers from the localiser also run the box search (~25 decoder calls) and report the two
         # masks' Dice as ``confidence["box_search_agreement"]``; off: that figure is left out (mask unchanged).
         # With a head verifier the localised route decodes the box search's candidates itself and reports it free
@@ -222,9 +225,20 @@ class SamPredictor:
                 self._cache.move_to_end(key)
                 self.cache_hits += 1
                 return hit
-        emb = self.encode([image])[0]
+        emb = None if self.disk_cache is None else self.disk_cache.load(image)
+        encoded = emb is None
+        if encoded:
+            emb = self.encode([image])[0]
+            if self.disk_cache is not None:  # the answer uses the embedding as it reads back after a restart
+                emb = self.disk_cache.store(image, emb)
+        if emb.features.device != self.device:
+            emb = ImageEmbedding(features=emb.features.to(self.device), original_hw=emb.original_hw,
+                                 input_hw=emb.input_hw)
         with self._lock:
-            self.cache_misses += 1
+            if encoded:
+                self.cache_misses += 1
+            else:
+                self.cache_hits += 1
             self._cache[key] = emb
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
