@@ -98,6 +98,23 @@ def test_served_model_keeps_embeddings_across_a_decoder_only_retrain(hc18, tmp_p
     assert third is not second and third.embed(img) is not e1 and third.cache_misses == 1
 
 
+def test_cpu_decoder_chunks_answer_like_one_batch(predictor, hc18):
+    """Many boxes go through the decoder a few at a time on the CPU (faster: the per-prompt copies of the
+    embedding stay in cache); the answers must be those of one batch."""
+    import torch
+
+    from fetal_head.segmentation import predictor as P
+
+    emb = predictor.embed(read_image(hc18[1].image_path))
+    boxes = np.array([[60 + 25 * i, 50 + 10 * i, 520 - 5 * i, 430 - 10 * i] for i in range(9)], dtype=np.float32)
+    assert len(boxes) > P.CPU_DECODE_CHUNK > 0
+    logits, iou = predictor.decode(emb, boxes=boxes)
+    with torch.inference_mode():
+        whole, whole_iou = predictor.decode_with_grad(emb, boxes=boxes)
+    assert logits.shape == whole.shape and torch.equal(logits > 0, whole > 0)
+    assert torch.allclose(logits, whole, atol=1e-3) and torch.allclose(iou, whole_iou, atol=1e-4)
+
+
 def test_server_embeddings_outlive_a_restart_and_feed_the_trainer(hc18, tmp_path):
     """The server keeps embeddings on disk (``--conf embedding_cache_dir``): after a restart, and in the trainer
     and active learning (the same folder), an image it has answered on is not encoded again (~1-2 s on 2 cores),

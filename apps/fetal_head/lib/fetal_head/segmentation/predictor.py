@@ -34,6 +34,11 @@ from .prompts import Prompt, PromptError, mask_dice
 
 logger = logging.getLogger(__name__)
 
+# SAM's decoder copies the image embedding once per prompt (4 MB each); on the CPU most of its time goes to moving
+# those copies, not to arithmetic, and a few prompts at a time stay in the cache. Automatic answers 1.41x faster with
+# the localiser (4.34 -> 3.08 s), 1.39x zero-shot (2.45 -> 1.77 s), masks identical (`scripts/bench_decode_chunks.py`,
+# 8 images, 2 cores, 2026-11-28; chunks of 2 were as fast). A GPU takes the whole batch at once.
+CPU_DECODE_CHUNK = 4
 _IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
 _IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
 
@@ -269,15 +274,20 @@ class SamPredictor:
         return xy * np.array([nw / w, nh / h], dtype=np.float32)
 
     @torch.inference_mode()
-    def decode(self, emb: ImageEmbedding, *args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, emb: ImageEmbedding, boxes: Optional[np.ndarray] = None, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
         """Low-resolution logits (B, K, 256, 256) and predicted IoU (B, K); the arguments of
         :meth:`decode_with_grad`.
 
         ``boxes`` is (B, 4) as (x_min, y_min, x_max, y_max) in the image frame: B candidate boxes are decoded
         in one batched call (SAM's decoder repeats the image embedding per prompt). Points apply to each box.
         No boxes and no points: no sparse prompt at all (what the automatic head, ``decoder``, is trained on).
+        On the CPU the boxes go through the decoder :data:`CPU_DECODE_CHUNK` at a time (the same answers).
         """
-        return self.decode_with_grad(emb, *args, **kwargs)
+        chunk = CPU_DECODE_CHUNK if self.device.type == "cpu" else 0
+        if boxes is None or not chunk or len(boxes) <= chunk:
+            return self.decode_with_grad(emb, boxes=boxes, **kwargs)
+        parts = [self.decode_with_grad(emb, boxes=boxes[i : i + chunk], **kwargs) for i in range(0, len(boxes), chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def decode_with_grad(
         self,
