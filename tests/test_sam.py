@@ -138,6 +138,25 @@ def test_server_embeddings_outlive_a_restart_and_feed_the_trainer(hc18, tmp_path
     assert (trainer_cache.hits, trainer_cache.misses) == (1, 0)
 
 
+def test_an_unwritable_embedding_folder_costs_no_answer(hc18, tmp_path):
+    """A disk cache that cannot be made, or a write that fails (disk full, folder gone), must not cost an answer."""
+    from fetal_head.segmentation.model_store import ModelSource, ServedModel
+
+    (tmp_path / "file").write_text("not a folder")
+    served = ServedModel(ModelSource(model_dir=str(tmp_path / "model")), str(tmp_path / "file" / "emb")).get()
+    assert served.disk_cache is None  # could not be made: in memory only
+    emb_dir = tmp_path / "emb"
+    served = ServedModel(ModelSource(model_dir=str(tmp_path / "model")), str(emb_dir)).get()
+    os.rmdir(served.disk_cache.dir)
+    emb_dir.rmdir()
+    emb_dir.write_text("the folder became a file")  # every write now fails
+    case = hc18[2]
+    ref = case.load_mask()
+    rows, cols = np.nonzero(ref)
+    pred = served.predict(read_image(case.image_path), Prompt(box=(cols.min(), rows.min(), cols.max(), rows.max())))
+    assert served.cache_misses == 1 and dice(pred.mask, ref) > 0.85
+
+
 def test_bf16_encoder_answers_like_fp32_under_its_own_cache_key(hc18):
     """The bf16 encoder (the default where the CPU runs bf16 natively) must not change answers that matter, and its
     embeddings must never be mixed with fp32 ones."""

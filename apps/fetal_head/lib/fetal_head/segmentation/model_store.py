@@ -99,7 +99,10 @@ class ServedModel:
                 logger.info(f"Loading SAM weights: {version}")
                 old, self._predictor = self._predictor, self.source.load()
                 if self.embedding_dir:
-                    self._predictor.disk_cache = EmbeddingCache(self.embedding_dir, self._predictor)
+                    try:
+                        self._predictor.disk_cache = EmbeddingCache(self.embedding_dir, self._predictor)
+                    except OSError as e:  # answers do not need it: the in-memory cache alone, as before
+                        logger.warning(f"no disk cache of embeddings at {self.embedding_dir}: {e}")
                 if old is not None:
                     # a retrain of the decoders keeps the encoder: its cached embeddings stay valid (the cache is
                     # keyed by the encoder's weights, so a changed encoder simply misses)

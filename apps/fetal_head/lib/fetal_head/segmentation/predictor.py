@@ -235,7 +235,10 @@ class SamPredictor:
         if encoded:
             emb = self.encode([image])[0]
             if self.disk_cache is not None:  # the answer uses the embedding as it reads back after a restart
-                emb = self.disk_cache.store(image, emb)
+                try:
+                    emb = self.disk_cache.store(image, emb)
+                except OSError as e:  # a full or read-only disk costs the next restart an encode, not this answer
+                    logger.warning(f"embedding not written to the disk cache ({e})")
         if emb.features.device != self.device:
             emb = ImageEmbedding(features=emb.features.to(self.device), original_hw=emb.original_hw,
                                  input_hw=emb.input_hw)
