@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 
 from ..files import atomic_json, atomic_torch_save
-from .models import AUTOMATIC_DECODER, LITEMEDSAM, attach_automatic_decoder, build_model, upgrade_state_dict
 from .embedding_cache import EmbeddingCache
+from .models import AUTOMATIC_DECODER, LITEMEDSAM, attach_automatic_decoder, build_model, upgrade_state_dict
 from .predictor import SamPredictor
 
 logger = logging.getLogger(__name__)

@@ -277,7 +277,9 @@ class SamPredictor:
         return xy * np.array([nw / w, nh / h], dtype=np.float32)
 
     @torch.inference_mode()
-    def decode(self, emb: ImageEmbedding, boxes: Optional[np.ndarray] = None, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, emb: ImageEmbedding, boxes: Optional[np.ndarray] = None, **kwargs
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Low-resolution logits (B, K, 256, 256) and predicted IoU (B, K); the arguments of
         :meth:`decode_with_grad`.
 
