@@ -239,28 +239,26 @@ class SamPredictor:
                     emb = self.disk_cache.store(image, emb)
                 except OSError as e:  # a full or read-only disk costs the next restart an encode, not this answer
                     logger.warning(f"embedding not written to the disk cache ({e})")
-        if emb.features.device != self.device:
-            emb = ImageEmbedding(features=emb.features.to(self.device), original_hw=emb.original_hw,
-                                 input_hw=emb.input_hw)
         with self._lock:
             if encoded:
                 self.cache_misses += 1
             else:
                 self.cache_hits += 1
-            self._cache[key] = emb
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return emb
+        return self._keep(key, emb)
 
     def remember(self, image: np.ndarray, emb: ImageEmbedding) -> None:
         """Put an embedding computed elsewhere (e.g. ``training.EmbeddingCache`` on disk) into the LRU cache."""
+        self._keep((self.encoder_key, self.image_key(image)), emb)
+
+    def _keep(self, key: tuple, emb: ImageEmbedding) -> ImageEmbedding:
+        """Store ``emb`` (on this predictor's device) as the newest LRU entry under ``key``; returns what it stored."""
         emb = ImageEmbedding(features=emb.features.to(self.device), original_hw=emb.original_hw, input_hw=emb.input_hw)
-        key = (self.encoder_key, self.image_key(image))
         with self._lock:
             self._cache[key] = emb
             self._cache.move_to_end(key)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
+        return emb
 
     def share_cache(self, other: "SamPredictor") -> None:
         """Use ``other``'s embedding cache (entries are keyed by encoder weights, so sharing is always safe)."""
