@@ -157,6 +157,35 @@ def test_an_unwritable_embedding_folder_costs_no_answer(hc18, tmp_path):
     assert served.cache_misses == 1 and dice(pred.mask, ref) > 0.85
 
 
+def test_the_embedding_folder_keeps_to_its_bound(predictor, hc18, tmp_path, monkeypatch):
+    """A bounded folder (``--conf embedding_cache_max_gb``) drops its least recently used entries (a read counts as a
+    use); an image whose entry went is simply encoded again."""
+    import time
+
+    from fetal_head.segmentation import embedding_cache as ec
+
+    monkeypatch.setattr(ec, "PRUNE_EVERY_S", 0.0)  # prune at every write, not once a minute
+    images = [read_image(c.image_path) for c in hc18[:3]]
+    embs = [predictor.embed(im) for im in images]
+    probe = ec.EmbeddingCache(str(tmp_path / "probe"), predictor)
+    probe.store(images[0], embs[0])
+    entry = os.path.getsize(probe.path(images[0], False))  # every LiteMedSAM entry has this size
+    cache = ec.EmbeddingCache(str(tmp_path / "emb"), predictor, max_bytes=int(2.5 * entry))
+    paths = [cache.path(im, False) for im in images]
+    now = time.time()
+    for k in (0, 1):
+        cache.store(images[k], embs[k])
+        os.utime(paths[k], (now - 100 + 50 * k,) * 2)  # image 0 written first, image 1 later
+    assert cache.load(images[0]) is not None  # image 0 used again: now the most recent
+    cache.store(images[2], embs[2])  # three entries over a bound of 2.5: the least recently used goes
+    assert [os.path.exists(p) for p in paths] == [True, False, True]
+    assert sum(os.path.getsize(p) for p in paths if os.path.exists(p)) <= 2.5 * entry
+    misses = cache.misses
+    again = cache.get(images[1])  # gone from disk: encoded again, the same embedding
+    assert cache.misses == misses + 1
+    assert np.allclose(again.features, embs[1].features.cpu(), atol=2e-2)
+
+
 def test_bf16_encoder_answers_like_fp32_under_its_own_cache_key(hc18):
     """The bf16 encoder (the default where the CPU runs bf16 natively) must not change answers that matter, and its
     embeddings must never be mixed with fp32 ones."""

@@ -49,6 +49,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 INFER_NAME = "fetal_head_sam"
 AUTO_INFER_NAME = "fetal_head_auto"
 DEFAULT_STRATEGY = "random"  # the simulated study's pick (README "Active learning")
+EMBEDDING_CACHE_MAX_GB = 20.0  # ~10,000 LiteMedSAM images at ~2 MB each
+
+
+def _gigabytes(value):
+    """``--conf embedding_cache_max_gb``: a size in GB as bytes; 0 or less: unbounded (None)."""
+    try:
+        gb = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--conf embedding_cache_max_gb must be a number of gigabytes, got {value!r}") from None
+    return int(gb * 1e9) if 0 < gb < float("inf") else None
 
 
 class FetalHeadApp(MONAILabelApp):
@@ -64,9 +74,11 @@ class FetalHeadApp(MONAILabelApp):
             device=conf.get("device", "cpu"),
             cache_size=int(conf.get("embedding_cache_size", 16)),
         )
-        # one disk cache of image embeddings for inference, training and active learning (~2 MB an image)
+        # one disk cache of image embeddings for inference, training and active learning (~2 MB an image), bounded:
+        # the least recently used entries go first (0: unbounded)
         self.embedding_dir = conf.get("embedding_cache_dir") or os.path.join(self.model_dir, "embedding_cache")
-        self.served_model = ServedModel(self.source, self.embedding_dir)
+        self.embedding_max_bytes = _gigabytes(conf.get("embedding_cache_max_gb", EMBEDDING_CACHE_MAX_GB))
+        self.served_model = ServedModel(self.source, self.embedding_dir, self.embedding_max_bytes)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -122,7 +134,8 @@ class FetalHeadApp(MONAILabelApp):
         Retraining in the loop: ``--conf auto_retrain_every K`` (0: off), ``auto_retrain_epochs E``,
         ``auto_retrain_options JSON``."""
         score_dir = self.conf.get("score_cache_dir") or os.path.join(self.model_dir, "score_cache")
-        service = SelectionService(PoolScorer(self.served_model.get, self.embedding_dir, score_dir))
+        service = SelectionService(PoolScorer(self.served_model.get, self.embedding_dir, score_dir,
+                                              self.embedding_max_bytes))
         self._selection = service
         self._auto_retrain = AutoRetrain(
             int(self.conf.get("auto_retrain_every", 0) or 0),

@@ -4,13 +4,20 @@ The encoder key hashes the encoder's weights and preprocessing (:attr:`SamPredic
 the pixels, so a decoder-only fine-tune keeps every entry valid while new encoder weights or a changed image
 never hit an old one. The same key pair keys the predictor's in-memory cache. Entries are written atomically and
 load with ``weights_only=True``; an unreadable entry is recomputed.
+
+The folder can be bounded (``max_bytes``; the server's ``--conf embedding_cache_max_gb``): after a write, at most
+once every :data:`PRUNE_EVERY_S` seconds per folder, the least recently used entries of every encoder go until the
+folder holds 90 % of the bound (a read refreshes an entry's modification time, which is what "used" means here).
+A pruned entry costs one encoder run when its image comes back; nothing else depends on it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+import threading
+import time
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,13 +27,48 @@ from .predictor import ImageEmbedding, SamPredictor
 
 logger = logging.getLogger(__name__)
 
+PRUNE_EVERY_S = 60.0
+_last_prune: Dict[str, float] = {}  # folder -> when it was last pruned (one process may hold several caches on it)
+_prune_lock = threading.Lock()
+
+
+def prune(root: str, max_bytes: int) -> Tuple[int, int]:
+    """Remove the least recently used entries under ``root`` (every encoder's folder) until at most 90 % of
+    ``max_bytes`` remain, when it holds more than ``max_bytes``. Returns (entries removed, bytes left)."""
+    entries = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".pt"):
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except OSError:  # removed meanwhile (another process pruning)
+                    continue
+                entries.append((st.st_mtime, st.st_size, path))
+    total = sum(e[1] for e in entries)
+    removed = 0
+    if total > max_bytes:
+        for _, size, path in sorted(entries):
+            if total <= 0.9 * max_bytes:
+                break
+            try:
+                os.remove(path)
+                total -= size
+                removed += 1
+            except OSError:
+                pass
+        logger.info(f"embedding cache {root}: removed {removed} least recently used entries, {total / 1e6:.0f} MB left "
+                    f"(bound {max_bytes / 1e6:.0f} MB)")
+    return removed, total
+
 
 class EmbeddingCache:
     """Image embeddings on disk: ``<dir>/<encoder>/<image hash>[_flip].pt``."""
 
-    def __init__(self, cache_dir: str, predictor: SamPredictor):
+    def __init__(self, cache_dir: str, predictor: SamPredictor, max_bytes: Optional[int] = None):
         self.predictor = predictor
         self.root = cache_dir
+        self.max_bytes = max_bytes  # None: unbounded
         os.makedirs(self.dir, exist_ok=True)
         self.hits = 0
         self.misses = 0
@@ -55,6 +97,8 @@ class EmbeddingCache:
             try:
                 d = torch.load(path, map_location="cpu", weights_only=True)
                 self.hits += 1
+                if self.max_bytes:
+                    _touch(path)  # recently used: the last to be pruned
                 return ImageEmbedding(
                     features=d["features"].float(),
                     original_hw=tuple(int(v) for v in d["original_hw"]),
@@ -71,4 +115,22 @@ class EmbeddingCache:
         # float16 halves the disk use (4 MB -> 2 MB per LiteMedSAM image); the rounding is far below label noise
         atomic_torch_save({"features": features, "original_hw": torch.tensor(emb.original_hw),
                            "input_hw": torch.tensor(emb.input_hw)}, self.path(image, flipped))
+        if self.max_bytes:
+            self._maybe_prune()
         return ImageEmbedding(features=features.float(), original_hw=emb.original_hw, input_hw=emb.input_hw)
+
+    def _maybe_prune(self) -> None:
+        root = os.path.abspath(self.root)
+        with _prune_lock:
+            if time.monotonic() - _last_prune.get(root, -PRUNE_EVERY_S) < PRUNE_EVERY_S:
+                return
+            _last_prune[root] = time.monotonic()
+        prune(root, self.max_bytes)
+
+
+def _touch(path: str) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only folder still serves its entries
+        pass
+

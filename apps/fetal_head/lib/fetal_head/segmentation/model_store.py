@@ -84,11 +84,14 @@ class ModelSource:
 class ServedModel:
     """The predictor the server answers with, shared by every infer task; reloads when the weights change.
     With ``embedding_dir`` its embeddings are also kept on disk there (:class:`EmbeddingCache`, the folder the
-    trainer and active learning read), so an image is encoded once for inference, selection and training."""
+    trainer and active learning read), so an image is encoded once for inference, selection and training;
+    ``embedding_max_bytes`` bounds that folder (least recently used entries go first)."""
 
-    def __init__(self, source: ModelSource, embedding_dir: Optional[str] = None):
+    def __init__(self, source: ModelSource, embedding_dir: Optional[str] = None,
+                 embedding_max_bytes: Optional[int] = None):
         self.source = source
         self.embedding_dir = embedding_dir
+        self.embedding_max_bytes = embedding_max_bytes
         self._predictor: Optional[SamPredictor] = None
         self._lock = threading.Lock()
 
@@ -100,7 +103,8 @@ class ServedModel:
                 old, self._predictor = self._predictor, self.source.load()
                 if self.embedding_dir:
                     try:
-                        self._predictor.disk_cache = EmbeddingCache(self.embedding_dir, self._predictor)
+                        self._predictor.disk_cache = EmbeddingCache(self.embedding_dir, self._predictor,
+                                                                    self.embedding_max_bytes)
                     except OSError as e:  # answers do not need it: the in-memory cache alone, as before
                         logger.warning(f"no disk cache of embeddings at {self.embedding_dir}: {e}")
                 if old is not None:

@@ -27,9 +27,11 @@ Item = Tuple[str, str]  # (image id, image path)
 
 
 class PoolScorer:
-    def __init__(self, get_predictor: Callable[[], SamPredictor], embedding_dir: str, score_dir: str):
+    def __init__(self, get_predictor: Callable[[], SamPredictor], embedding_dir: str, score_dir: str,
+                 embedding_max_bytes: Optional[int] = None):
         self.get_predictor = get_predictor
         self.embedding_dir = embedding_dir
+        self.embedding_max_bytes = embedding_max_bytes  # the server's bound on that folder (None: unbounded)
         self.scores = ScoreCache(score_dir)
         self.encoder_runs = 0
         self._keys: Dict[Tuple[str, float, int], str] = {}  # (path, mtime, size) -> image hash
@@ -49,7 +51,7 @@ class PoolScorer:
         return self._keys[k], image
 
     def embedding(self, predictor: SamPredictor, image: np.ndarray) -> ImageEmbedding:
-        cache = EmbeddingCache(self.embedding_dir, predictor)
+        cache = EmbeddingCache(self.embedding_dir, predictor, self.embedding_max_bytes)
         emb = cache.get(image)
         self.encoder_runs += cache.misses
         return emb
