@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fetal_head.evaluation.benchmark import select_labels  # noqa: E402
 from fetal_head.evaluation.core import FAILURE_DICE, MODES, evaluate, load_test_images, summarize, warm_embeddings  # noqa: E402
 from fetal_head.io.hc18 import read_cases  # noqa: E402
+from fetal_head.measurement import DEFAULT_MASK_SHAPE, MASK_SHAPES  # noqa: E402
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
 from fetal_head.segmentation.model_store import ModelSource, meta_path, save_finetuned  # noqa: E402
 from fetal_head.segmentation.models import LITEMEDSAM  # noqa: E402
@@ -121,7 +122,7 @@ def add_head_verifier(model_dir, info, cases, seed, args, work):
     return info
 
 
-def eval_cell(model_dir, test, holder, modes, cache, inc_path):
+def eval_cell(model_dir, test, holder, modes, cache, inc_path, mask_shape=DEFAULT_MASK_SHAPE):
     """Rows of every test image, one image at a time in a fixed random order (``default_rng(0)``), each image's rows
     appended to ``inc_path`` (JSON lines) as soon as they are scored: a stopped run resumes there, and a partial
     file is a random subsample of the test set (on this 2-core CPU the automatic mode costs ~25 s an image). A mode
@@ -140,10 +141,11 @@ def eval_cell(model_dir, test, holder, modes, cache, inc_path):
     rows = []
     for i in tqdm(np.random.default_rng(0).permutation(len(test)), desc="evaluate", unit="image", mininterval=30):
         t = test[i]
-        have = done.setdefault(t.case.image_id, [])
+        # rows of another answer mask (before 2026-11-28 every row scored the decoder's segmentation) do not count
+        have = [r for r in done.setdefault(t.case.image_id, []) if r.get("mask_shape", "segmentation") == mask_shape]
         missing = [m for m in modes if m not in {r["mode"] for r in have}]  # rows deleted from the file: rescored
         if missing:
-            got, _ = evaluate(tuned, [t], missing, desc=t.case.image_id)
+            got, _ = evaluate(tuned, [t], missing, desc=t.case.image_id, mask_shape=mask_shape)
             with open(inc_path, "a") as f:
                 f.writelines(json.dumps(r, default=float) + "\n" for r in got)
             have += got
@@ -202,8 +204,9 @@ def run(args):
         path = os.path.join(work, "cells", tag + ".json")
         if os.path.isfile(path):  # finished earlier: the report below reads it, unless modes were added since
             with open(path) as f:
-                if set(args.modes) <= {r["mode"] for r in json.load(f)["rows"]}:
-                    continue
+                done = json.load(f)["rows"]
+            if set(args.modes) <= {r["mode"] for r in done if r.get("mask_shape", "segmentation") == args.mask_shape}:
+                continue
         t0 = time.time()
         info: dict = {}
         model_dir = None
@@ -217,7 +220,8 @@ def run(args):
             if args.head_verifier:
                 info = add_head_verifier(model_dir, info, site_pool, seed, args, work)
         os.makedirs(os.path.join(work, "inc"), exist_ok=True)
-        rows = eval_cell(model_dir, test, holder, args.modes, cache, os.path.join(work, "inc", tag + ".jsonl"))
+        rows = eval_cell(model_dir, test, holder, args.modes, cache, os.path.join(work, "inc", tag + ".jsonl"),
+                         args.mask_shape)
         rec = {"tag": tag, "n": n, "seed": seed, "kind": kind, "rows": rows, "info": info,
                "summary": summarize(rows), "seconds": round(time.time() - t0, 1),
                "command": "python scripts/eval_automatic.py " + " ".join(command_args(sys.argv[1:]))}
@@ -367,6 +371,8 @@ def main():
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the cells in --work-dir")
     ap.add_argument("--base-n", type=int, default=0, help="new site: first train on N labels of the other sites")
     ap.add_argument("--site-n", type=int, nargs="+", default=[5, 10])
+    ap.add_argument("--mask-shape", choices=MASK_SHAPES, default=DEFAULT_MASK_SHAPE,
+                    help="the answer mask scored (the infer option mask_shape; rows before 2026-11-28: segmentation)")
     run(ap.parse_args())
 
 

@@ -169,7 +169,8 @@ def main():
             (sizes[name], sizes[name]) if name in sizes else None)
         given_from = "--pixel-size" if fixed is not None else ("--pixel-sizes" if given is not None else None)
         try:
-            m = measure_frame(predictor, path, pixel_size=given)
+            # the decoder's own outline, drawn beside the ellipse it measures (the overlay is for checking that fit)
+            m = measure_frame(predictor, path, pixel_size=given, mask_shape="segmentation")
         except (ImageReadError, OSError) as e:  # an unreadable scan is a row, not the end of the batch
             rows.append({"scan": path, "error": f"{type(e).__name__}: {e}"})
             failed += 1

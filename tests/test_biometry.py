@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from skimage.draw import ellipse, line
 
-from fetal_head.biometry import BiometryError, HeadBiometry, ellipse_mask, ellipse_perimeter, measure_head
+from fetal_head.biometry import (BiometryError, HeadBiometry, ellipse_mask, ellipse_perimeter, head_ellipse_mask,
+                                measure_head)
 
 
 def _hc_errors(cases):
@@ -268,3 +269,37 @@ def test_fuzz_only_biometry_error_escapes_and_results_are_finite():
     n = FUZZ_CASES + len(specials)
     print(f"biometry fuzz: {n} cases in {elapsed:.1f} s ({outcomes}), numpy {np.__version__}")
     assert outcomes["measured"] > 0.2 * n and outcomes["BiometryError"] > 0.1 * n  # both paths really exercised
+
+
+def test_head_ellipse_mask_redraws_reference_masks_and_smooths_a_ragged_one(hc18_subset):
+    """HC18's reference masks are filled ellipses: their ellipse redraws them. A decoder-like ragged outline of the
+    same head gets closer to the reference as its ellipse (the infer answer's default ``mask_shape``)."""
+    rng = np.random.default_rng(0)
+    redraw, ragged, smoothed = [], [], []
+    for c in hc18_subset[::8]:
+        ref = c.load_mask().astype(bool)
+        redraw.append(_dice(head_ellipse_mask(ref), ref))
+        # a ragged outline: the reference with bites taken out of and bumps added to its rim
+        rim = ref ^ _erode(ref, 3)
+        rr, cc = np.nonzero(rim)
+        pick = rng.choice(len(rr), size=24, replace=False)
+        noisy = ref.copy()
+        for k, i in enumerate(pick):
+            r0, c0 = rr[i], cc[i]
+            noisy[max(r0 - 10, 0):r0 + 10, max(c0 - 10, 0):c0 + 10] = k % 2 == 0
+        ragged.append(_dice(noisy, ref))
+        smoothed.append(_dice(head_ellipse_mask(noisy), ref))
+    assert min(redraw) >= 0.99, redraw
+    assert np.mean(smoothed) > np.mean(ragged) + 0.005 and min(smoothed) > 0.97, (smoothed, ragged)
+    with pytest.raises(BiometryError):
+        head_ellipse_mask(np.zeros((50, 50), bool))
+
+
+def _dice(a, b):
+    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def _erode(mask, k):
+    from skimage.morphology import binary_erosion, disk
+
+    return binary_erosion(mask, disk(k))

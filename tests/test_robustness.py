@@ -88,6 +88,7 @@ INFER_PROBES = {
     "box of strings": (dict(params={"box": ["a", "b", "c", "d"]}), 422),
     "frame not a number": (dict(params={"frame": "abc"}), 422),
     "result_extension .exe": (dict(params={"result_extension": ".exe"}), 422),
+    "mask_shape triangle": (dict(params={"mask_shape": "triangle"}), 422),
     "server file as image id": (dict(image="/etc/hostname"), 404),
 }
 

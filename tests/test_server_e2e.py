@@ -10,6 +10,7 @@ import requests
 from PIL import Image
 
 from conftest import REPO, Server, dice, make_app_copy, test_split
+from fetal_head.biometry import head_ellipse_mask
 
 N_IMAGES = 12
 
@@ -72,23 +73,33 @@ def test_info_names_label_tasks_and_strategies(server):
 
 
 def test_box_prompt_dice_and_biometry(server):
+    """The default answer is the fitted head ellipse, filled; ``mask_shape: segmentation`` returns the decoder's own
+    mask, whose ellipse the default answer is. The ellipse scores at least as well against the reference."""
     rng = np.random.default_rng(0)
-    dices, hc_errors = [], []
+    dices, seg_dices, hc_errors = [], [], []
     for case in server.cases:
         ref = case.load_mask()
-        resp = infer(server, case.image_id, {"roi": slicer_roi(ref, rng)}, output="all")
+        roi = slicer_roi(ref, rng)
+        resp = infer(server, case.image_id, {"roi": roi}, output="all")
         assert resp.status_code == 200, resp.text
         mask, params = multipart(resp)
         assert mask.shape == ref.shape  # the image's own geometry
         assert set(np.unique(mask)) <= {0, 1}
+        assert params["mask_shape"] == "ellipse"
         dices.append(dice(mask, ref))
         bio = params["biometry"]
         assert bio["hc_mm"] > 0 and bio["bpd_mm"] > 0 and bio["ofd_mm"] >= bio["bpd_mm"]
         assert bio["pixel_size_mm"][0] == pytest.approx(case.pixel_size_mm)
         hc_errors.append(abs(bio["hc_mm"] - case.hc_mm))
-    print(f"box-prompt Dice over {len(dices)} images: mean {np.mean(dices):.4f} min {np.min(dices):.4f}; "
-          f"HC MAD {np.mean(hc_errors):.2f} mm")
+        seg_resp = infer(server, case.image_id, {"roi": roi, "mask_shape": "segmentation"}, output="all")
+        seg, seg_params = multipart(seg_resp)
+        assert seg_params["mask_shape"] == "segmentation" and seg_params["biometry"] == bio
+        assert np.array_equal(mask.astype(bool), head_ellipse_mask(seg))
+        seg_dices.append(dice(seg, ref))
+    print(f"box-prompt Dice over {len(dices)} images: mean {np.mean(dices):.4f} min {np.min(dices):.4f} "
+          f"(decoder's segmentation {np.mean(seg_dices):.4f}); HC MAD {np.mean(hc_errors):.2f} mm")
     assert np.mean(dices) >= 0.90
+    assert np.mean(dices) >= np.mean(seg_dices)
 
 
 def test_one_click_at_centroid(server):

@@ -300,3 +300,13 @@ def ellipse_mask(shape: Tuple[int, int], bio: HeadBiometry) -> np.ndarray:
     out = np.zeros(shape, dtype=np.uint8)
     out[rr, cc] = 1
     return out
+
+
+def head_ellipse_mask(mask: np.ndarray) -> np.ndarray:
+    """The filled ellipse fitted to the outer outline of ``mask``'s largest component, as a bool mask of its shape:
+    the head as the sonographer's ellipse draws it (HC18's reference masks are such ellipses, filled to the outer
+    edge of the drawn outline, hence no boundary offset). Fitted in pixels, the mask's own frame. Raises
+    :class:`BiometryError` when no ellipse fits."""
+    mask = np.asarray(mask)
+    return ellipse_mask(mask.shape[:2], measure_head(mask, boundary_offset_px=0.0)).astype(bool)
+

@@ -10,7 +10,7 @@ from typing import Any, Dict, Tuple, Union
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from fetal_head.io import write_mask
-from fetal_head.measurement import measure_frame
+from fetal_head.measurement import DEFAULT_MASK_SHAPE, MASK_SHAPES, check_mask_shape, measure_frame
 from fetal_head.segmentation.model_store import ServedModel
 from fetal_head.segmentation.prompts import pixel_size_from_request, prompt_from_request
 
@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 class RequestOptionError(ValueError):
-    """An infer request option other than the prompt (``frame``, ``result_extension``) that cannot be used."""
+    """An infer request option other than the prompt (``frame``, ``result_extension``, ``mask_shape``) that cannot
+    be used."""
 
 
 def _frame_index(value) -> Union[int, None]:
@@ -55,6 +56,7 @@ class FetalHeadSamInfer(InferTask):
         d = super().info()
         d["model_version"] = self.model.source.version()
         d["prompts"] = ["roi", "foreground", "background", "box", "none (automatic)"]
+        d["mask_shapes"] = {"options": list(MASK_SHAPES), "default": DEFAULT_MASK_SHAPE}  # request option mask_shape
         return d
 
     def is_valid(self) -> bool:
@@ -65,8 +67,10 @@ class FetalHeadSamInfer(InferTask):
         prompt = prompt_from_request(request)
         pixel_size = pixel_size_from_request(request.get("pixel_size_mm"))
         suffix = _result_suffix(request)  # refuse a bad option before the expensive work
+        mask_shape = _mask_shape(request)
         # the image only ever comes from a file (never an array in the request: clients must not inject one)
-        m = measure_frame(self.model.get(), request["image"], prompt, pixel_size, _frame_index(request.get("frame")))
+        m = measure_frame(self.model.get(), request["image"], prompt, pixel_size, _frame_index(request.get("frame")),
+                          mask_shape)
         t2 = time.time()
         label_file = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
         write_mask(m.mask, label_file, spacing_mm=m.pixel_size)
@@ -92,3 +96,11 @@ def _result_suffix(request) -> str:
     if suffix not in RESULT_SUFFIXES:
         raise RequestOptionError(f"result_extension {suffix!r} is not supported; use one of {', '.join(RESULT_SUFFIXES)}")
     return suffix
+
+
+def _mask_shape(request) -> str:
+    """``mask_shape``: the fitted head ellipse, filled (default), or the decoder's own ``segmentation``."""
+    try:
+        return check_mask_shape(request.get("mask_shape") or DEFAULT_MASK_SHAPE)
+    except ValueError as e:
+        raise RequestOptionError(str(e)) from None

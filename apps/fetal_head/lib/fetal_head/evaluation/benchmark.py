@@ -669,10 +669,10 @@ def write_report(bench: Benchmark, out_dir: str, command: str = "", started: Opt
     results = bench.load_cells()
     per_image = [{"arm": arm, "n_labels": n, "seed": seed, **r} for (arm, n, seed), res in results.items()
                  for r in res["rows"]]
-    fields = ["arm", "n_labels", "seed", "mode", "image", "dice", "hd95_mm", "hc_mm", "hc_ref_mm",
+    fields = ["arm", "n_labels", "seed", "mode", "image", "mask_shape", "dice", "hd95_mm", "hc_mm", "hc_ref_mm",
               "hc_abs_diff_mm", "head_found"]
     with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, restval="segmentation")  # cells scored before mask_shape existed
         w.writeheader()
         w.writerows(per_image)
     cell_rows, summary = aggregate(bench, results)

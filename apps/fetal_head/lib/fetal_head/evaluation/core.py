@@ -5,6 +5,8 @@ score through here, so their numbers mean the same thing.
 - Prompts, drawn once per test image in case order from ``seed`` (identical for every model evaluated):
   ``box``: the reference mask's box with each side grown by 0-``max_jitter`` px and clipped to the image (a
   Slicer-style ROI); ``click``: one foreground click at the reference mask's centroid; ``automatic``: none.
+- The scored mask is the served answer's: the fitted head ellipse, filled (``mask_shape="ellipse"``, the infer
+  default), or the decoder's own mask (``"segmentation"``; every figure before 2026-11-28 scored that).
 - Metrics per image: Dice (MONAI ``compute_dice``), HD95 in mm (MONAI ``compute_hausdorff_distance``, 95th
   percentile, the image's pixel size as spacing), and the HC absolute difference in mm (ellipse fit,
   :func:`fetal_head.biometry.measure_head`) against the reference HC.
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from ..biometry import BiometryError, measure_head
 from ..io import read_image
 from ..io.hc18 import HC18Case
+from ..measurement import DEFAULT_MASK_SHAPE, answer_mask
 from ..segmentation.embedding_cache import EmbeddingCache
 from ..segmentation.predictor import SamPredictor
 from ..segmentation.prompts import AUTOMATIC, Prompt, jitter_box, mask_box
@@ -96,19 +99,21 @@ def warm_embeddings(predictor: SamPredictor, test: Sequence[TestImage], cache: E
 
 
 def evaluate(predictor: SamPredictor, test: Sequence[TestImage], modes: Sequence[str] = MODES,
-             desc: str = "evaluate", cache: Optional[EmbeddingCache] = None) -> Tuple[List[dict], Dict[str, np.ndarray]]:
+             desc: str = "evaluate", cache: Optional[EmbeddingCache] = None,
+             mask_shape: str = DEFAULT_MASK_SHAPE) -> Tuple[List[dict], Dict[str, np.ndarray]]:
     """Per-image metric rows and the predicted masks (``"<mode>/<image id>"``) of every test image in every mode,
-    through ``predictor.predict`` (the served path). ``cache``: embeddings from this disk cache (when it belongs to
-    the same encoder) instead of encoding each image."""
+    through ``predictor.predict`` and :func:`~fetal_head.measurement.answer_mask` (the served answer; ``mask_shape``
+    as the infer request's). ``cache``: embeddings from this disk cache (when it belongs to the same encoder) instead
+    of encoding each image."""
     rows, masks = [], {}
     use_cache = cache is not None and cache.predictor.encoder_key == predictor.encoder_key
     for t in tqdm(test, desc=desc, unit="image", mininterval=10, leave=False):
         if use_cache:
             predictor.remember(t.image, cache.get(t.image))
         for mode in modes:
-            pred = predictor.predict(t.image, t.prompt(mode)).mask
+            pred = answer_mask(predictor.predict(t.image, t.prompt(mode)).mask, mask_shape)
             masks[f"{mode}/{t.case.image_id}"] = pred
-            rows.append({"mode": mode, "image": t.case.image_id,
+            rows.append({"mode": mode, "image": t.case.image_id, "mask_shape": mask_shape,
                          **image_metrics(pred, t.mask, t.case.pixel_size_mm, t.case.hc_mm)})
     return rows, masks
 
