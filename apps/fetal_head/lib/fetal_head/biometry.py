@@ -309,4 +309,3 @@ def head_ellipse_mask(mask: np.ndarray) -> np.ndarray:
     :class:`BiometryError` when no ellipse fits."""
     mask = np.asarray(mask)
     return ellipse_mask(mask.shape[:2], measure_head(mask, boundary_offset_px=0.0)).astype(bool)
-

@@ -133,4 +133,3 @@ def _touch(path: str) -> None:
         os.utime(path)
     except OSError:  # a read-only folder still serves its entries
         pass
-
