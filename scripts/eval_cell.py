@@ -5,8 +5,9 @@ is a random subsample.
 
     python scripts/eval_cell.py MODEL_DIR TAG MODES...                 a saved model
     python scripts/eval_cell.py --localiser N TAG MODES...             <work>/models/nN_s0 (a localiser-off cell's
-        decoder) plus a head localiser trained on the same N labels (LocaliserConfig(steps=300, seed=0), no gate),
-        saved and reloaded as <work>/models/TAG, then scored
+        decoder) plus a head localiser trained on the same N labels with the trainer's recipe for N
+        (localiser.config_for: the small one below WIDE_FROM_LABELS, else the wide one that answers automatic
+        requests with its own box; seed 0, no gate), saved and reloaded as <work>/models/TAG, then scored
 """
 
 import argparse
@@ -25,7 +26,7 @@ from fetal_head.evaluation.core import load_test_images, warm_embeddings  # noqa
 from fetal_head.io.hc18 import read_cases  # noqa: E402
 from fetal_head.segmentation import training as T  # noqa: E402
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
-from fetal_head.segmentation.localiser import LocaliserConfig, train_localiser  # noqa: E402
+from fetal_head.segmentation.localiser import config_for, train_localiser  # noqa: E402
 from fetal_head.segmentation.model_store import FINETUNED_NAME, ModelSource, meta_path, save_finetuned  # noqa: E402
 from fetal_head.segmentation.models import LITEMEDSAM  # noqa: E402
 from fetal_head.segmentation.predictor import SamPredictor  # noqa: E402
@@ -41,11 +42,14 @@ def add_localiser(cases, n: int, work: str, cache_dir: str, model_dir: str) -> N
     items = T.label_items(select_labels(pool, n, 0), os.path.join(work, "labels"))
     pred = ModelSource(model_dir=off_dir).load()
     samples = T.localiser_samples(pred, items, cache_dir)
-    net = train_localiser(samples, LocaliserConfig(steps=300, seed=0))
+    lcfg = config_for(len(samples), steps=300, seed=0)
+    net = train_localiser(samples, lcfg)
     setattr(pred.model, T.LOCALISER, net.to(pred.device))
     with open(meta_path(off_dir)) as f:
         meta = json.load(f)
-    meta["localiser"] = {"labels": len(samples), "steps": 300, "replaced": True, "reason": "gate off (CV skipped)",
+    meta["localiser"] = {"labels": len(samples), "steps": lcfg.steps, "width": lcfg.width,
+                         "automatic_route": "its own box" if lcfg.answers_with_box else "candidates",
+                         "replaced": True, "reason": "gate off (CV skipped)",
                          "seconds": round(time.time() - t0, 1)}
     save_finetuned(pred.model, LITEMEDSAM, model_dir, meta)
     print(f"localiser trained in {time.time() - t0:.1f} s", flush=True)

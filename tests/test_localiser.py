@@ -14,6 +14,12 @@ from fetal_head.segmentation.models import LITEMEDSAM, LOCALISER, attach_localis
 from fetal_head.segmentation.prompts import box_iou, mask_box, mask_dice
 
 
+def centroid_click(mask) -> Prompt:
+    """One foreground click at the reference mask's centroid (the evaluation's click prompt)."""
+    rows, cols = np.nonzero(mask)
+    return Prompt(points=np.array([[cols.mean(), rows.mean()]], dtype=np.float32), labels=np.array([1]))
+
+
 @pytest.fixture(scope="module")
 def predictor():
     return SamPredictor.litemedsam(cache_size=32)
@@ -140,9 +146,7 @@ def test_automatic_and_click_answers_come_from_the_localiser_with_confidence(pre
             assert pred.confidence["chosen_candidate"] in ("localiser", "skull_ring") + PEAK_SOURCE
             assert pred.confidence["skull_ring_support"] is None or 0 < pred.confidence["skull_ring_support"] <= 1
             scores.append(dice(pred.mask, mask))
-            rows, cols = np.nonzero(mask)
-            click = predictor.predict(image, Prompt(points=np.array([[cols.mean(), rows.mean()]], dtype=np.float32),
-                                                    labels=np.array([1])))
+            click = predictor.predict(image, centroid_click(mask))
             assert click.confidence["source"] in ("localiser", "box_search")
             click_scores.append(dice(click.mask, mask))
         print("automatic Dice, zero-shot decoder + localiser + skull ring:", np.round(scores, 3))
@@ -193,6 +197,49 @@ def test_from_10_labels_the_localiser_must_beat_the_automatic_head_the_model_wou
         delattr(predictor.model, AUTOMATIC_DECODER)
         if getattr(predictor.model, LOCALISER, None) is not None:
             delattr(predictor.model, LOCALISER)
+
+
+def test_from_wide_from_labels_the_wide_localiser_answers_automatic_requests_with_its_own_box(
+        predictor, samples, hc18_subset, tmp_path, monkeypatch):
+    """With many labels (localiser_wide_from, 100 by default; 8 here) the trainer fits the wide localiser, which
+    answers automatic requests with its own box (source ``localiser_box``), travels in the checkpoint with its width
+    and flag, and leaves clicks to the candidates; a checkpoint saved before the flag loads as a candidate chooser."""
+    from fetal_head.segmentation import training as T
+
+    monkeypatch.setattr(L, "WIDE_STEPS", 300)  # the recipe's 1500 cost ~5 min on 2 cores; 300 find these heads
+    pool = [c for c in hc18_subset if c.split == "pool"]
+    items = T.label_items(pool[:: len(pool) // 8][:8], str(tmp_path))  # the 8 of ``samples``: embeddings on disk
+    cfg = T.TrainConfig(localiser=True, localiser_wide_from=8)
+    try:
+        record = T.fit_localiser(predictor, items, cfg, str(REPO / ".data" / "emb_cache"))
+        assert record["replaced"] and record["width"] == L.WIDE_WIDTH and record["automatic_route"] == "its own box"
+        wide = predictor.localiser
+        assert wide.width == L.WIDE_WIDTH and int(wide.answers_with_box) == 1
+
+        net = build_model(LITEMEDSAM)
+        setattr(net, LOCALISER, wide)
+        state = net.state_dict()
+        fresh = build_model(LITEMEDSAM)
+        fresh.load_state_dict(state, strict=True)
+        assert getattr(fresh, LOCALISER).width == L.WIDE_WIDTH and int(getattr(fresh, LOCALISER).answers_with_box)
+        older = build_model(LITEMEDSAM)
+        older.load_state_dict({k: v for k, v in state.items() if not k.endswith(".answers_with_box")}, strict=True)
+        assert int(getattr(older, LOCALISER).answers_with_box) == 0
+
+        auto, click = [], []
+        for feat, mask, hw, image in samples["test"]:
+            pred = predictor.predict(image, Prompt())
+            assert pred.confidence["source"] == "localiser_box" and 0 <= pred.confidence["rebox_stability"] <= 1
+            auto.append(dice(pred.mask, mask))
+            c = predictor.predict(image, centroid_click(mask))
+            assert c.confidence["source"] in ("localiser", "box_search")
+            click.append(dice(c.mask, mask))
+        print("automatic Dice, zero-shot decoder + wide localiser's box (8 labels):", np.round(auto, 3))
+        print("click Dice:", np.round(click, 3))
+        assert np.mean(auto) > 0.7, auto
+        assert np.mean(click) > 0.9, click
+    finally:
+        delattr(predictor.model, LOCALISER)
 
 
 def test_a_click_near_a_candidates_rim_ranks_it_below_the_head_that_centres_it(hc18_subset):

@@ -48,6 +48,7 @@ OPTIONS = {
     "max_epochs": (parse_int, 1, 10_000), "train_batch_size": (parse_int, 1, 1024), "max_real_labels": (parse_int, 0, None),
     "seed": (parse_int, 0, None), "max_jitter": (parse_int, 0, 1000), "world_size": (parse_int, 1, 64),
     "lora_rank": (parse_int, 1, 256), "localiser_steps": (parse_int, 1, 100_000),
+    "localiser_wide_from": (parse_int, 1, None),
     "learning_rate": (parse_float, 1e-12, 1.0), "weight_decay": (parse_float, 0.0, 10.0),
     "val_split": (parse_float, 0.0, 0.99), "synthetic_share": (parse_float, 0.0, 0.99),
     "flip": (parse_bool, None, None), "automatic_head": (parse_bool, None, None), "localiser": (parse_bool, None, None),

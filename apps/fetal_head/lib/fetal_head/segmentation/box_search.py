@@ -8,7 +8,8 @@ an empty mask zero-shot). Three routes, all ending in the box decoder:
   removes one); candidate boxes centred there, plus the skull ring's box (:mod:`.skull_ring`), are decoded,
   re-boxed once, and scored; with the model's head verifier (:mod:`.verifier`) the box search's best candidates
   join in and every score is weighted by the probability that the candidate is the head; the winner is decoded
-  once more from its own box plus the training jitter's margin (:func:`rebox`);
+  once more from its own box plus the training jitter's margin (:func:`rebox`). A localiser trained on many labels
+  answers automatic requests with its own box instead (:func:`localiser_box`);
 - :func:`automatic_head`: a fine-tuned model's automatic head (a second mask decoder trained with no prompt) gives
   a coarse head mask; its largest component's box plus a margin goes to the box decoder, whose mask is re-boxed
   once more;
@@ -99,6 +100,8 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
     and no click, the box search's best SEARCH_TOP_K candidates join in and each score is weighted by the
     verifier's probability that the candidate is the head. None when the localiser finds no head (or none holding
     the click)."""
+    if not len(prompt.points) and int(predictor.localiser.answers_with_box):
+        return localiser_box(predictor, emb)
     found = localised_candidates(predictor, emb, prompt, image)
     if found is None:
         return None
@@ -141,6 +144,33 @@ def localised(predictor: "SamPredictor", emb: "ImageEmbedding", prompt: Prompt =
             top = search_choice(searched)
             other = predictor.finish(emb, top.logits, top.iou)
             pred.confidence["box_search_agreement"] = round(mask_dice(pred.mask, other.mask), 4)
+    return pred
+
+
+@torch.inference_mode()
+def localiser_box(predictor: "SamPredictor", emb: "ImageEmbedding") -> Optional["Prediction"]:
+    """The automatic answer of a localiser trained on many labels (``answers_with_box``, see
+    :data:`.localiser.WIDE_FROM_LABELS`): its own box plus AUTOMATIC_MARGIN_PX, decoded, then re-boxed once
+    (:func:`rebox`). None when it finds no head."""
+    from .localiser import localise
+
+    h, w = emb.original_hw
+    loc = localise(predictor.localiser, emb.features, (h, w), emb.input_hw)
+    if loc.box is None:
+        return None
+    logits, iou = predictor.decode(emb, boxes=np.array([grow_box(loc.box, AUTOMATIC_MARGIN_PX, h, w)]))
+    first = predictor.finish(emb, logits, iou)
+    pred = rebox(predictor, emb, first)
+    pred.confidence = {
+        "source": "localiser_box",
+        "localiser_score": round(loc.score, 4),
+        "localiser_head_prob": round(loc.head_prob, 4),
+        "localiser_centre_prob": round(loc.centre_prob, 4),
+        "localiser_candidates": loc.candidates,
+        "decoder_iou": round(pred.score, 4),
+        # the re-box moves a sound answer little; a large move says the box held more than one structure
+        "rebox_stability": round(mask_dice(first.mask, pred.mask), 4),
+    }
     return pred
 
 

@@ -100,7 +100,10 @@ def _attach_heads_hook(module: nn.Module, state_dict, prefix, *args, **kwargs) -
     if any(k.startswith(prefix + AUTOMATIC_DECODER + ".") for k in state_dict):
         attach_automatic_decoder(module)
     if any(k.startswith(prefix + LOCALISER + ".") for k in state_dict):
-        attach_localiser(module, state_dict[prefix + LOCALISER + ".body.0.weight"].shape[1])
+        width, in_channels = state_dict[prefix + LOCALISER + ".body.0.weight"].shape[:2]
+        attach_localiser(module, in_channels, width)
+        # saved before the flag existed: such a localiser chose among candidates
+        state_dict.setdefault(prefix + LOCALISER + ".answers_with_box", torch.zeros((), dtype=torch.int64))
     if any(k.startswith(prefix + HEAD_VERIFIER + ".") for k in state_dict):
         attach_head_verifier(module, state_dict[prefix + HEAD_VERIFIER + ".mean"].shape[0])
 
@@ -114,13 +117,13 @@ def attach_heads_on_load(net: nn.Module) -> nn.Module:
     return net
 
 
-def attach_localiser(net: nn.Module, in_channels: int = 256) -> nn.Module:
+def attach_localiser(net: nn.Module, in_channels: int = 256, width: int = 16) -> nn.Module:
     """Give ``net`` a (fresh, untrained) head localiser as the submodule ``localiser`` unless it has one; its
     weights travel in ``net.state_dict()`` under ``localiser.*``."""
     from .localiser import Localiser
 
-    if getattr(net, LOCALISER, None) is None:
-        setattr(net, LOCALISER, Localiser(in_channels=in_channels))
+    if getattr(net, LOCALISER, None) is None or getattr(net, LOCALISER).width != width:
+        setattr(net, LOCALISER, Localiser(in_channels=in_channels, width=width))
     return getattr(net, LOCALISER)
 
 
