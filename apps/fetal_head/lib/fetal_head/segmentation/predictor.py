@@ -357,13 +357,17 @@ class SamPredictor:
             return pred
         return self.predict_automatic(emb, image)
 
-    def predict_automatic(self, emb: ImageEmbedding, image: Optional[np.ndarray] = None) -> Prediction:
+    def predict_automatic(self, emb: ImageEmbedding, image: Optional[np.ndarray] = None,
+                          agreement: Optional[bool] = None) -> Prediction:
         """No prompt: the trained localiser when the model has one, else the trained automatic head, else the box
-        search. ``image`` (the frame ``emb`` encodes) lets the localiser add the skull ring's candidate."""
+        search. ``image`` (the frame ``emb`` encodes) lets the localiser add the skull ring's candidate.
+        ``agreement`` (default :attr:`automatic_agreement`): run the box search for ``box_search_agreement`` when
+        the localised route did not decode its candidates anyway (the pool scorer does not need it)."""
         if self.localiser is not None:
             pred = box_search.localised(self, emb, image=image)
             if pred is not None and pred.mask.sum() >= 16:
-                if self.automatic_agreement and "box_search_agreement" not in pred.confidence:
+                agreement = self.automatic_agreement if agreement is None else agreement
+                if agreement and "box_search_agreement" not in pred.confidence:
                     other = box_search.search(self, emb, box_search.image_centres(*emb.original_hw), Prompt())
                     pred.confidence["box_search_agreement"] = round(mask_dice(pred.mask, other.mask), 4)
                 return pred
