@@ -48,7 +48,7 @@ def add_localiser(cases, n: int, work: str, cache_dir: str, model_dir: str) -> N
     with open(meta_path(off_dir)) as f:
         meta = json.load(f)
     meta["localiser"] = {"labels": len(samples), "steps": lcfg.steps, "width": lcfg.width,
-                         "automatic_route": "its own box" if lcfg.answers_with_box else "candidates",
+                         "automatic_route": lcfg.automatic_route,
                          "replaced": True, "reason": "gate off (CV skipped)",
                          "seconds": round(time.time() - t0, 1)}
     save_finetuned(pred.model, LITEMEDSAM, model_dir, meta)

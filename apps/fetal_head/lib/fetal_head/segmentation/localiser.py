@@ -106,6 +106,11 @@ class LocaliserConfig:
     width: int = 16  # channels of the conv body (WIDE_WIDTH from WIDE_FROM_LABELS labels)
     answers_with_box: bool = False  # the trained localiser's flag (see WIDE_FROM_LABELS)
 
+    @property
+    def automatic_route(self) -> str:
+        """How the trained localiser answers automatic requests, in the words of the training records."""
+        return "its own box" if self.answers_with_box else "candidates"
+
 
 def config_for(labels: int, steps: int = 300, seed: int = 0, wide_from: int = WIDE_FROM_LABELS) -> LocaliserConfig:
     """The localiser recipe for ``labels`` real labels: the small one (``steps``) below ``wide_from``, from there

@@ -760,7 +760,7 @@ def fit_localiser(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: 
     samples = localiser_samples(predictor, items, cache_dir)
     lcfg = config_for(len(samples), cfg.localiser_steps, cfg.seed, cfg.localiser_wide_from)
     record: dict = {"labels": len(samples), "steps": lcfg.steps, "width": lcfg.width,
-                    "automatic_route": "its own box" if lcfg.answers_with_box else "candidates"}
+                    "automatic_route": lcfg.automatic_route}
     if not samples:
         record.update(replaced=False, reason="no real labels")
         return record
