@@ -61,18 +61,22 @@ def train_cell(pool, n, seed, args, work, tag, base_dir=None, chosen=None):
                       localiser=args.localiser, localiser_steps=args.localiser_steps,
                       localiser_folds=args.folds, localiser_gate=not args.no_gate,
                       head_verifier=args.head_verifier, train_encoder=args.train_encoder,
-                      min_labels_for_validation=args.min_labels_for_validation)
+                      min_labels_for_validation=args.min_labels_for_validation,
+                      self_training_images=args.self_training_images)
     train, _ = split_items(items, cfg)  # the trainer's own split: the step budget is spread over what trains
     epochs = int(np.clip(math.ceil(args.train_steps / max(1, math.ceil(len(train) / BATCH))), 1, MAX_EPOCHS))
     cfg = replace(cfg, max_epochs=epochs)
     predictor = (ModelSource(model_dir=base_dir).load() if base_dir else SamPredictor.litemedsam(version=LITEMEDSAM))
     t0 = time.time()
-    summary = finetune(predictor, items, cfg, args.cache_dir)
+    # the rest of the pool is the datastore's unlabelled images (a site's own, in the new-site simulation)
+    picked = {c.image_id for c in chosen}
+    unlabelled = [c.image_path for c in pool if c.image_id not in picked]
+    summary = finetune(predictor, items, cfg, args.cache_dir, unlabelled=unlabelled)
     model_dir = os.path.join(work, "models", tag)
     save_finetuned(predictor.model, LITEMEDSAM, model_dir, checkpoint_meta(summary, LITEMEDSAM))
     info = {"labels": [c.image_id for c in chosen], "epochs": epochs, "seconds_train": round(time.time() - t0, 1),
             "localiser": summary.get("localiser"), "head_verifier": summary.get("head_verifier"),
-            "best_epochs": summary.get("best_epochs")}
+            "best_epochs": summary.get("best_epochs"), "self_training": summary.get("self_training")}
     with open(os.path.join(model_dir, "cell_info.json"), "w") as f:
         json.dump(info, f, default=float)
     return model_dir, info
@@ -183,6 +187,7 @@ def run(args):
     suffix += "" if args.train_encoder == "frozen" else "_enc" + args.train_encoder
     default_min_val = TrainConfig().min_labels_for_validation
     suffix += "" if args.min_labels_for_validation == default_min_val else f"_minval{args.min_labels_for_validation}"
+    suffix += "" if args.self_training_images else "_nost"
     if args.new_site:
         if not args.no_zero_shot:
             plan.append(("site_zero-shot", 0, 0, "zero"))
@@ -365,6 +370,9 @@ def main():
                     help="TrainConfig.train_encoder: also fine-tune the image encoder (no embedding cache for training)")
     ap.add_argument("--min-labels-for-validation", type=int, default=TrainConfig().min_labels_for_validation,
                     help="TrainConfig.min_labels_for_validation: below it no validation split, the fixed schedule")
+    ap.add_argument("--self-training-images", type=int, default=TrainConfig().self_training_images,
+                    help="TrainConfig.self_training_images: unlabelled pool images pseudo-labelled for the localiser's "
+                    "self-training (0: off; cells then end in _nost)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-site", action="store_true")
     ap.add_argument("--no-zero-shot", action="store_true", help="new site: skip the zero-shot cell (scored before)")

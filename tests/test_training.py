@@ -20,8 +20,10 @@ N_LABELLED = 5  # pool-split images with final labels (training data): the few-l
 N_TEST = 16  # test-split images without labels (evaluation); at most the server's embedding cache (16 by default),
 # so the fine-tuned model's requests reuse the zero-shot requests' embeddings, as the server does after a retrain
 N_AUTO = 6  # of those, evaluated automatic too (~3-6 s a request on 2 busy cores)
+# self-training off: its wide localiser fit costs ~4 min on 2 cores (tests/test_localiser.py covers it; here the
+# served route is the candidates + head verifier this test asserts)
 TRAIN_OPTIONS = {"max_epochs": 10, "train_batch_size": 2, "learning_rate": 1e-4, "val_split": 0.2, "seed": 0,
-                 "localiser": True}
+                 "localiser": True, "self_training_images": 0}
 
 
 # ---- prompt sampling (no server) -------------------------------------------------------------------------------

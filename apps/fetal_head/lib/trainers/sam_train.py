@@ -11,7 +11,10 @@ Request options (MONAI Label names where they exist): ``max_epochs``, ``train_ba
 ``multi_gpu``, ``gpus`` (data-parallel over those GPUs, DDP, as MONAI Label's BasicTrainTask: one process per
 GPU through ``torch.multiprocessing.spawn``); and ``learning_rate``, ``max_real_labels`` (0 = all),
 ``synthetic_share``, ``train_encoder`` ("frozen", "lora", "full"), ``automatic_head`` (old name
-``prompt_free_head``), ``localiser`` (the head localiser, default on), ``head_verifier`` (default on) and
+``prompt_free_head``), ``localiser`` (the head localiser, default on), ``localiser_wide_from``,
+``self_training_images`` and ``self_training_min_head_probability`` (below ``localiser_wide_from`` labels the wide
+localiser learns from up to that many unlabelled datastore images pseudo-labelled by the model; 0: off),
+``head_verifier`` (default on) and
 ``verifier_gate`` (its cross-validated check from 10 labels, default on), ``flip``, ``seed``, ``world_size`` (DDP
 processes without GPUs: gloo on CPU). Every option is parsed and range-checked by ``lib.trainers.options`` before a
 job starts.
@@ -30,7 +33,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from fetal_head.segmentation.model_store import ModelSource, meta_path, save_finetuned
-from fetal_head.synthesis.store import is_synthetic
+from fetal_head.synthesis.store import is_synthetic, real_unlabelled_images
 from fetal_head.segmentation.training import LabelledImage, TrainConfig, checkpoint_meta, finetune
 from lib.trainers.options import parse_bool, parse_float, parse_int
 
@@ -48,7 +51,8 @@ OPTIONS = {
     "max_epochs": (parse_int, 1, 10_000), "train_batch_size": (parse_int, 1, 1024), "max_real_labels": (parse_int, 0, None),
     "seed": (parse_int, 0, None), "max_jitter": (parse_int, 0, 1000), "world_size": (parse_int, 1, 64),
     "lora_rank": (parse_int, 1, 256), "localiser_steps": (parse_int, 1, 100_000),
-    "localiser_wide_from": (parse_int, 1, None),
+    "localiser_wide_from": (parse_int, 1, None), "self_training_images": (parse_int, 0, None),
+    "self_training_min_head_probability": (parse_float, 0.0, 1.0),
     "learning_rate": (parse_float, 1e-12, 1.0), "weight_decay": (parse_float, 0.0, 10.0),
     "val_split": (parse_float, 0.0, 0.99), "synthetic_share": (parse_float, 0.0, 0.99),
     "flip": (parse_bool, None, None), "automatic_head": (parse_bool, None, None), "localiser": (parse_bool, None, None),
@@ -158,7 +162,9 @@ class FetalHeadSamTrain(TrainTask):
         predictor = source.load()  # continue from the weights being served
         items = self.labelled_images(datastore)
         logger.info(f"{len(items)} labelled images in the datastore ({sum(i.synthetic for i in items)} synthetic)")
-        summary = finetune(predictor, items, cfg, self.cache_dir)
+        # the localiser's self-training pseudo-labels unlabelled real images (in memory; the datastore is not touched)
+        unlabelled = [uri for _, uri in real_unlabelled_images(datastore)] if cfg.self_training_images else []
+        summary = finetune(predictor, items, cfg, self.cache_dir, unlabelled=unlabelled)
         steps = sum(int(r.get("steps", 1)) for r in summary.get("history", []))
         if not summary.get("train_images") or not summary.get("history") or steps == 0:
             # nothing was learnt: the served model stays (an untrained checkpoint must never replace it)
@@ -171,7 +177,8 @@ class FetalHeadSamTrain(TrainTask):
         logger.info(f"saved {path}: best epoch {summary['best_epoch']} {summary['best']}")
         return {"best_epoch": summary["best_epoch"], "metrics": summary["best"], "before": summary["before"],
                 "labels_used": len(summary["train_images"]), "model": path, "seconds": meta["seconds"],
-                "localiser": summary.get("localiser"), "head_verifier": summary.get("head_verifier")}
+                "localiser": summary.get("localiser"), "head_verifier": summary.get("head_verifier"),
+                "self_training": summary.get("self_training")}
 
 
 def predictor_model_type(source: ModelSource, version: str) -> str:
