@@ -221,6 +221,9 @@ def test_zero_step_training_never_replaces_the_served_model(tmp_path, monkeypatc
         def get_labeled_images(self, tag):
             return []
 
+        def list_images(self):  # the unlabelled images the localiser's self-training would draw from
+            return []
+
     task = st.FetalHeadSamTrain.__new__(st.FetalHeadSamTrain)
     task.source, task.cache_dir = Source(), str(tmp_path)
     out = task({"model": "fetal_head_sam", "max_epochs": 1}, Store())

@@ -944,8 +944,10 @@ def fit_self_trained_localiser(predictor: SamPredictor, items: Sequence[Labelled
         scored = [real[i] for i in np.random.default_rng(lcfg.seed).permutation(len(real))[: cfg.localiser_cv_limit]]
         served = float(np.mean([_route_dice(predictor, s, "localiser") for s in scored]))
         setattr(predictor.model, LOCALISER, net)
-        mine = float(np.mean([_route_dice(predictor, s, "localiser") for s in scored]))
-        setattr(predictor.model, LOCALISER, old)
+        try:
+            mine = float(np.mean([_route_dice(predictor, s, "localiser") for s in scored]))
+        finally:  # the served localiser stays unless the guard passes
+            setattr(predictor.model, LOCALISER, old)
         record.update(served_route_dice=round(served, 4), self_trained_dice=round(mine, 4), gate_passed=mine >= served)
         attach = mine >= served
         reason += (f"; automatic Dice on {len(scored)} of the real labels {mine:.4f} vs the served route's "
