@@ -728,6 +728,25 @@ def _route_dice(predictor: SamPredictor, sample, route: str) -> float:
     return mask_dice(pred.mask, mask)
 
 
+@contextlib.contextmanager
+def localiser_swapped(predictor: SamPredictor, net: nn.Module):
+    """Answer with ``net`` as the model's localiser inside the block; the served one (or none) comes back after."""
+    old = getattr(predictor.model, LOCALISER, None)
+    setattr(predictor.model, LOCALISER, net.to(predictor.device))
+    try:
+        yield
+    finally:
+        if old is None:
+            delattr(predictor.model, LOCALISER)
+        else:
+            setattr(predictor.model, LOCALISER, old)
+
+
+def checked_labels(samples: Sequence, seed: int, limit: int) -> list:
+    """The (seeded draw of up to ``limit``) labels whose automatic answers the localiser checks score."""
+    return [samples[i] for i in np.random.default_rng(seed).permutation(len(samples))[:limit]]
+
+
 def cross_validate_route(predictor: SamPredictor, samples, lcfg: LocaliserConfig, folds: int, limit: int) -> List[float]:
     """Held-out automatic Dice of the localiser route with the model's (new) box decoder: ``folds``-fold over the
     labels, at most ``limit`` held-out answers scored (each costs ~11 decoder calls)."""
@@ -735,21 +754,14 @@ def cross_validate_route(predictor: SamPredictor, samples, lcfg: LocaliserConfig
     k = min(folds, n)
     order = np.random.default_rng(lcfg.seed).permutation(n)
     scored = set(order[:limit].tolist())
-    old = getattr(predictor.model, LOCALISER, None)
     out = []
-    try:
-        for f in range(k):
-            held = [i for i in order[f::k].tolist() if i in scored]
-            if not held:
-                continue
-            net = train_localiser([s for i, s in enumerate(samples) if i not in set(order[f::k].tolist())], lcfg)
-            setattr(predictor.model, LOCALISER, net.to(predictor.device))
+    for f in range(k):
+        held = [i for i in order[f::k].tolist() if i in scored]
+        if not held:
+            continue
+        net = train_localiser([s for i, s in enumerate(samples) if i not in set(order[f::k].tolist())], lcfg)
+        with localiser_swapped(predictor, net):
             out += [_route_dice(predictor, samples[i], "localiser") for i in held]
-    finally:
-        if old is None:
-            delattr(predictor.model, LOCALISER)
-        else:
-            setattr(predictor.model, LOCALISER, old)
     return out
 
 
@@ -790,7 +802,7 @@ def fit_localiser(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: 
     else:
         cv = cross_validate_route(predictor, samples, lcfg, cfg.localiser_folds, cfg.localiser_cv_limit)
         record["cv_automatic_dice"] = round(float(np.mean(cv)), 4) if cv else None
-        scored = [samples[i] for i in np.random.default_rng(lcfg.seed).permutation(len(samples))[: cfg.localiser_cv_limit]]
+        scored = checked_labels(samples, lcfg.seed, cfg.localiser_cv_limit)
         old = predictor.localiser
         # what the model answers without the new localiser, on the same labels: the served localiser, else the
         # automatic head this run kept (from ~400 labels on it is the better route), else the box search. Both saw
@@ -936,18 +948,14 @@ def fit_self_trained_localiser(predictor: SamPredictor, items: Sequence[Labelled
         return record
     net = train_localiser(real + pseudo, lcfg).to(predictor.device)
     net.trained_labels.fill_(len(real))  # real labels only: pseudo-labels are in the record
-    old = predictor.localiser
     reason = f"trained on {len(real)} real labels and {len(pseudo)} pseudo-labels of {drawn['unlabelled_drawn']} drawn"
     attach = True
     unchecked = unchecked_because(len(real), cfg, cfg.localiser_gate, "localiser_gate")
     if unchecked is None:
-        scored = [real[i] for i in np.random.default_rng(lcfg.seed).permutation(len(real))[: cfg.localiser_cv_limit]]
+        scored = checked_labels(real, lcfg.seed, cfg.localiser_cv_limit)
         served = float(np.mean([_route_dice(predictor, s, "localiser") for s in scored]))
-        setattr(predictor.model, LOCALISER, net)
-        try:
+        with localiser_swapped(predictor, net):  # the served localiser stays unless the guard passes
             mine = float(np.mean([_route_dice(predictor, s, "localiser") for s in scored]))
-        finally:  # the served localiser stays unless the guard passes
-            setattr(predictor.model, LOCALISER, old)
         record.update(served_route_dice=round(served, 4), self_trained_dice=round(mine, 4), gate_passed=mine >= served)
         attach = mine >= served
         reason += (f"; automatic Dice on {len(scored)} of the real labels {mine:.4f} vs the served route's "
