@@ -14,7 +14,8 @@ to ``--out``:
 
 - ``measurements.csv``: one row per scan: HC / BPD / OFD in mm (and HC in px), the pixel size and where it came
   from, the route that answered, ``head_probability`` and ``needs_review`` (with a model retrained on a few labels:
-  the head verifier's flag, README "Which automatic answers to check"; empty for the zero-shot model), or the
+  the head verifier's flag, or the wide localiser's when it answers, README "Which automatic answers to check";
+  empty for the zero-shot model), or the
   reason a scan was not measured;
 - ``overlays/<scan>.png``: the scan with the segmented head (yellow) and its fitted ellipse (cyan); a flagged
   answer's title says CHECK.
@@ -126,7 +127,8 @@ def overlay(path, m, row, out_path):
         f"HC {row['hc_px']:.0f} px" if row.get("hc_px") not in (None, "") else "no head found")
     check = row.get("needs_review") is True or not m.mask.any()
     title = f"{os.path.basename(path)}: {hc}" + (
-        f"  CHECK (head probability {row['head_probability']})" if row.get("needs_review") is True else "")
+        "  CHECK" + (f" (head probability {row['head_probability']})" if row.get("head_probability") != "" else "")
+        if row.get("needs_review") is True else "")
     ax.set_title(title, fontsize=9, color="red" if check else "black")
     ax.axis("off")
     fig.tight_layout()

@@ -12,6 +12,7 @@ from conftest import REPO, dice
 from fetal_head.io import read_image
 from fetal_head.segmentation import Prompt, SamPredictor
 from fetal_head.segmentation import localiser as L
+from fetal_head.segmentation.box_search import LOCALISER_REVIEW_BELOW
 from fetal_head.segmentation.embedding_cache import EmbeddingCache
 from fetal_head.segmentation.models import LITEMEDSAM, LOCALISER, attach_localiser, build_model
 from fetal_head.segmentation.prompts import box_iou, mask_box, mask_dice
@@ -233,6 +234,8 @@ def test_from_wide_from_labels_the_wide_localiser_answers_automatic_requests_wit
         for feat, mask, hw, image in samples["test"]:
             pred = predictor.predict(image, Prompt())
             assert pred.confidence["source"] == "localiser_box" and 0 <= pred.confidence["rebox_stability"] <= 1
+            # no verifier here: the flag comes from the localiser's own head probability
+            assert pred.confidence["needs_review"] is (pred.confidence["localiser_head_prob"] < LOCALISER_REVIEW_BELOW)
             auto.append(dice(pred.mask, mask))
             c = predictor.predict(image, centroid_click(mask))
             assert c.confidence["source"] in ("localiser", "box_search")
@@ -446,7 +449,8 @@ def test_self_training_trains_the_wide_localiser_on_pseudo_labels_the_verifier_i
         after = []
         for _, mask, _, image in samples["test"]:
             pred = predictor.predict(image, Prompt())
-            assert pred.confidence["source"] == "localiser_box"
+            assert pred.confidence["source"] == "localiser_box" and "head_probability" not in pred.confidence
+            assert pred.confidence["needs_review"] is (pred.confidence["localiser_head_prob"] < LOCALISER_REVIEW_BELOW)
             after.append(dice(pred.mask, mask))
         print("automatic Dice on 8 held-out images, candidates + verifier:", np.round(before, 3))
         print("                                     self-trained wide box:", np.round(after, 3))

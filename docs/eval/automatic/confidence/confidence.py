@@ -27,12 +27,12 @@ sys.path.insert(0, os.path.join(REPO, "apps", "fetal_head", "lib"))
 from fetal_head.evaluation.core import FAILURE_DICE, image_metrics, load_test_images  # noqa: E402
 from fetal_head.io.hc18 import read_cases  # noqa: E402
 from fetal_head.segmentation import Prompt  # noqa: E402
-from fetal_head.segmentation.box_search import REVIEW_BELOW  # noqa: E402
+from fetal_head.segmentation.box_search import LOCALISER_REVIEW_BELOW, REVIEW_BELOW  # noqa: E402
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
 from fetal_head.segmentation.model_store import ModelSource  # noqa: E402
 
 FIELDS = ("head_probability", "box_search_agreement", "candidate_score", "decoder_iou", "localiser_score",
-          "localiser_decoder_dice")
+          "localiser_decoder_dice", "localiser_head_prob", "localiser_centre_prob", "rebox_stability")
 
 
 def score(args):
@@ -93,6 +93,11 @@ def report(args):
     rules += [(f"box_search_agreement < {t}", ag < t) for t in (0.5, 0.8, 0.9)]
     rules += [(f"head_probability < {REVIEW_BELOW} or box_search_agreement < {t}", (hp < REVIEW_BELOW) | (ag < t))
               for t in (0.8, 0.9)]
+    # the wide localiser's own box (no verifier): needs_review is localiser_head_prob < LOCALISER_REVIEW_BELOW
+    lh = np.array([r["confidence"].get("localiser_head_prob", np.nan) for r in rows], float)
+    if (hp != hp).all() and (lh == lh).any():
+        rules = [(f"localiser_head_prob < {t}", lh < t) for t in sorted({0.95, LOCALISER_REVIEW_BELOW, 0.97})]
+        rules += [(f"box_search_agreement < {t}", ag < t) for t in (0.8, 0.9)]
     for name, flag in rules:
         if not flag.any():
             lines.append(f"| {name} | 0 | 0 | - | - | - |")
@@ -114,7 +119,8 @@ def plot(rows, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     dice = np.array([r["dice"] for r in rows])
-    for ax, k in zip(axes, ("head_probability", "box_search_agreement")):
+    wide = all(r["confidence"].get("head_probability") is None for r in rows)  # the wide localiser's own box
+    for ax, k in zip(axes, ("localiser_head_prob" if wide else "head_probability", "box_search_agreement")):
         v = np.array([r["confidence"].get(k, np.nan) for r in rows], float)
         ax.scatter(v, dice, s=12, c=np.where(dice < FAILURE_DICE, "tab:red", "tab:blue"))
         ax.axhline(FAILURE_DICE, color="gray", lw=0.8, ls="--")
