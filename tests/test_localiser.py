@@ -16,6 +16,7 @@ from fetal_head.segmentation.box_search import LOCALISER_REVIEW_BELOW
 from fetal_head.segmentation.embedding_cache import EmbeddingCache
 from fetal_head.segmentation.models import LITEMEDSAM, LOCALISER, attach_localiser, build_model
 from fetal_head.segmentation.prompts import box_iou, mask_box, mask_dice
+from fetal_head.selection.scores import uncertainty_of
 
 
 def centroid_click(mask) -> Prompt:
@@ -451,6 +452,9 @@ def test_self_training_trains_the_wide_localiser_on_pseudo_labels_the_verifier_i
             pred = predictor.predict(image, Prompt())
             assert pred.confidence["source"] == "localiser_box" and "head_probability" not in pred.confidence
             assert pred.confidence["needs_review"] is (pred.confidence["localiser_head_prob"] < LOCALISER_REVIEW_BELOW)
+            # active learning's uncertainty takes the flag as its not_head term (there is no verifier)
+            not_head = uncertainty_of(predictor, predictor.embed(image), pred)["not_head"]
+            assert not_head == float(pred.confidence["needs_review"])
             after.append(dice(pred.mask, mask))
         print("automatic Dice on 8 held-out images, candidates + verifier:", np.round(before, 3))
         print("                                     self-trained wide box:", np.round(after, 3))

@@ -6,11 +6,13 @@ unlabelled HC18 pool images that were *not* its pseudo-labels: the trainer draws
 (``default_rng(seed)`` over the unlabelled list in pool order, as ``training.pseudo_labels``) and keeps those whose
 head probability (round 1: the model before self-training, ``ROUND1``, the ``pseudo.jsonl`` of
 ``../self_training/pseudo_boxes.py MODEL pseudo``) is >= the threshold. Prints each field's ROC AUC for a failure
-(Dice < 0.80; MONAI's ``compute_roc_auc``) and what thresholds on ``localiser_head_prob`` flag.
+(Dice < 0.80; MONAI's ``compute_roc_auc``), what thresholds on ``localiser_head_prob`` flag, and the ROC AUC of
+active learning's uncertainty score (``selection.scores.uncertainty``) with and without its ``not_head`` term.
 
     python wide_route_pool.py .data/eval_s18st/models/n20_s0_loc_nogate .data/self_training/n20_s0_loc_nogate/pseudo.jsonl
 
-Answers are appended to ``.data/self_training/<cell>_round2/answers.jsonl`` (a stopped run resumes).
+Answers are appended to ``.data/self_training/<cell>_round2/answers.jsonl``, uncertainty components to
+``uncertainty.jsonl`` beside it (a stopped run resumes).
 """
 import json
 import os
@@ -32,6 +34,7 @@ from fetal_head.segmentation.box_search import LOCALISER_REVIEW_BELOW  # noqa: E
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
 from fetal_head.segmentation.model_store import ModelSource  # noqa: E402
 from fetal_head.segmentation.training import TrainConfig  # noqa: E402
+from fetal_head.selection.scores import UNCERTAINTY_WEIGHTS, uncertainty  # noqa: E402
 
 FIELDS = ("localiser_head_prob", "localiser_score", "localiser_centre_prob", "decoder_iou", "rebox_stability")
 
@@ -77,3 +80,17 @@ for t in sorted({0.95, 0.96, LOCALISER_REVIEW_BELOW, 0.97}):
     flag = lh < t
     print(f"  localiser_head_prob < {t}: {int(flag.sum())} flagged ({100 * flag.mean():.0f} %), "
           f"{int((flag & failed).sum())} of {int(failed.sum())} failures; unflagged {100 * dice[~flag].mean():.2f} %")
+
+upath = os.path.join(work, "uncertainty.jsonl")
+udone = {json.loads(line)["image"] for line in open(upath)} if os.path.exists(upath) else set()
+for c in tqdm([c for c in held if c.image_id not in udone], mininterval=30, desc="uncertainty"):
+    im = read_image(c.image_path)
+    u, _ = uncertainty(p, cache.get(im), 0, im)
+    with open(upath, "a") as f:
+        f.write(json.dumps({"image": c.image_id, **u}) + "\n")
+u = {r["image"]: r for r in (json.loads(line) for line in open(upath))}
+failed_t = torch.as_tensor(failed, dtype=torch.float32)
+score = np.array([u[r["image"]]["score"] for r in rows])
+without = score - UNCERTAINTY_WEIGHTS["not_head"] * np.array([u[r["image"]]["not_head"] for r in rows])
+print(f"uncertainty score ROC AUC: {float(compute_roc_auc(torch.as_tensor(score), failed_t)):.3f} "
+      f"(without not_head {float(compute_roc_auc(torch.as_tensor(without), failed_t)):.3f})")

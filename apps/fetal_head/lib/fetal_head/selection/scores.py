@@ -13,8 +13,10 @@ CPU cores costs ~15 s per image, too much to score a pool):
 - ``non_ellipse``: 1 - :func:`~fetal_head.segmentation.box_search.ellipse_likeness` of the answer (heads are
   ellipses; crescents and fragments are failures);
 - ``not_head``: 1 - the head verifier's probability that the answer is the head (``head_probability`` of its
-  confidence; 0 when the model has no verifier): the served answers' failures are mostly another structure
-  (the fluid sac, the brain inside the skull), which this finds and the other three do not.
+  confidence); for the wide localiser's own box, which has no verifier, 1 when its answer says ``needs_review``
+  (``localiser_head_prob`` below ``box_search.LOCALISER_REVIEW_BELOW``), else 0; 0 for a model with neither: the
+  served answers' failures are mostly another structure (the fluid sac, the brain inside the skull), which this finds
+  and the other three do not.
 
 The score is their weighted sum (:data:`UNCERTAINTY_WEIGHTS`); an empty automatic answer scores the maximum.
 Diversity features: the embedding average-pooled to a 2 x 2 grid (1024 values), L2-normalised.
@@ -39,7 +41,11 @@ MARGIN_PX = 10.0  # the automatic answer's box grows by this before perturbing (
 # served failure (Dice < 0.80) 0.996 / 0.986 after 5 / 20 labels; scoring the served answer is most of the gain
 # (u2, the quick answer: 0.939 / 0.872) and not_head the rest at 5 labels (0.970 without it; 0.987 at 20).
 UNCERTAINTY_WEIGHTS = {"disagreement": 1.0, "low_iou": 0.5, "non_ellipse": 0.5, "not_head": 1.0}
-SCORE_VERSION = "u3"  # bump when the score's definition changes (part of the cache key); u3: the served answer
+# The wide localiser's route (self-trained 20 labels, seed 0; the 237 unlabelled pool images it did not train on, 16
+# failures): the score's AUC 0.919 without not_head, 0.970 with its needs_review as not_head (that threshold was
+# chosen on the same images; docs/eval/automatic/confidence/n20_s0_self_trained).
+SCORE_VERSION = "u4"  # bump when the score's definition changes (part of the cache key); u3: the served answer;
+# u4: not_head from the wide localiser's needs_review
 
 
 @torch.inference_mode()
@@ -68,8 +74,12 @@ def automatic_answer(predictor: SamPredictor, emb: ImageEmbedding, image: Option
 @torch.inference_mode()
 def uncertainty_of(predictor: SamPredictor, emb: ImageEmbedding, pred: Prediction, seed: int = 0) -> Dict[str, float]:
     """The uncertainty components and total (``score``) of one automatic answer ``pred`` of ``emb``."""
-    head_p = (pred.confidence or {}).get("head_probability")
-    not_head = 0.0 if head_p is None else float(np.clip(1.0 - head_p, 0, 1))
+    conf = pred.confidence or {}
+    head_p = conf.get("head_probability")
+    if head_p is not None:
+        not_head = float(np.clip(1.0 - head_p, 0, 1))
+    else:  # the wide localiser's own box flags its doubt (box_search.localiser_box); other routes say nothing
+        not_head = 1.0 if conf.get("source") == "localiser_box" and conf.get("needs_review") else 0.0
     h, w = emb.original_hw
     if pred.mask.sum() < 16:
         out = {"disagreement": 1.0, "low_iou": 1.0, "non_ellipse": 1.0, "not_head": 1.0, "empty": 1.0}
