@@ -95,7 +95,7 @@ def report(args):
               for t in (0.8, 0.9)]
     # the wide localiser's own box (no verifier): needs_review is localiser_head_prob < LOCALISER_REVIEW_BELOW
     lh = np.array([r["confidence"].get("localiser_head_prob", np.nan) for r in rows], float)
-    if (hp != hp).all() and (lh == lh).any():
+    if np.isnan(hp).all() and not np.isnan(lh).all():
         rules = [(f"localiser_head_prob < {t}", lh < t) for t in sorted({0.95, LOCALISER_REVIEW_BELOW, 0.97})]
         rules += [(f"box_search_agreement < {t}", ag < t) for t in (0.8, 0.9)]
     for name, flag in rules:

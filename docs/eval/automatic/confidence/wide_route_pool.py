@@ -3,7 +3,7 @@ on the test split (issue 12; box_search.LOCALISER_REVIEW_BELOW).
 
 A self-trained model (``MODEL_DIR``: its wide localiser learnt from its real labels plus pseudo-labels) answers the
 unlabelled HC18 pool images that were *not* its pseudo-labels: the trainer draws ``self_training_images`` of them
-(``default_rng(seed)`` over the unlabelled list in pool order, as ``training.pseudo_labels``) and keeps those whose
+(``training.seeded_draw`` over the unlabelled list in pool order, as ``training.pseudo_labels``) and keeps those whose
 head probability (round 1: the model before self-training, ``ROUND1``, the ``pseudo.jsonl`` of
 ``../self_training/pseudo_boxes.py MODEL pseudo``) is >= the threshold. Prints each field's ROC AUC for a failure
 (Dice < 0.80; MONAI's ``compute_roc_auc``), what thresholds on ``localiser_head_prob`` flag, and the ROC AUC of
@@ -33,7 +33,8 @@ from fetal_head.measurement import answer_mask  # noqa: E402
 from fetal_head.segmentation.box_search import LOCALISER_REVIEW_BELOW  # noqa: E402
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
 from fetal_head.segmentation.model_store import ModelSource  # noqa: E402
-from fetal_head.segmentation.training import TrainConfig  # noqa: E402
+from fetal_head.segmentation.prompts import mask_dice  # noqa: E402
+from fetal_head.segmentation.training import TrainConfig, seeded_draw  # noqa: E402
 from fetal_head.selection.scores import UNCERTAINTY_WEIGHTS, uncertainty  # noqa: E402
 
 FIELDS = ("localiser_head_prob", "localiser_score", "localiser_centre_prob", "decoder_iou", "rebox_stability")
@@ -47,7 +48,7 @@ pool = [c for c in read_cases(os.path.join(REPO, "..", "shared", "data", "hc18")
         and c.image_id not in labels]
 cfg = TrainConfig()
 r1 = {json.loads(line)["image"]: json.loads(line) for line in open(round1)}
-drawn = {pool[k].image_id for k in np.random.default_rng(cfg.seed).permutation(len(pool))[: cfg.self_training_images]}
+drawn = {c.image_id for c in seeded_draw(pool, cfg.seed, cfg.self_training_images)}  # as pseudo_labels draws
 used = {i for i in drawn if r1[i]["head_probability"] >= cfg.self_training_min_head_probability}
 held = [c for c in pool if c.image_id not in used]
 print(f"{len(pool)} unlabelled pool images, {len(used)} were pseudo-labels, {len(held)} held out")
@@ -60,7 +61,7 @@ for c in tqdm([c for c in held if c.image_id not in done], mininterval=30):
     im = read_image(c.image_path)
     pred = p.predict_automatic(cache.get(im), im, agreement=False)
     m, ref = answer_mask(pred.mask, "ellipse") if pred.mask.sum() >= 16 else pred.mask, c.load_mask()
-    row = {"image": c.image_id, "dice": float(2 * (m & ref).sum() / max(m.sum() + ref.sum(), 1)),
+    row = {"image": c.image_id, "dice": mask_dice(m, ref),
            **{k: v for k, v in pred.confidence.items() if isinstance(v, (int, float, bool))}}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -742,9 +742,10 @@ def localiser_swapped(predictor: SamPredictor, net: nn.Module):
             setattr(predictor.model, LOCALISER, old)
 
 
-def checked_labels(samples: Sequence, seed: int, limit: int) -> list:
-    """The (seeded draw of up to ``limit``) labels whose automatic answers the localiser checks score."""
-    return [samples[i] for i in np.random.default_rng(seed).permutation(len(samples))[:limit]]
+def seeded_draw(items: Sequence, seed: int, limit: int) -> list:
+    """A seeded draw of up to ``limit`` of ``items``: the labels the localiser's checks score and the head verifier
+    fits on, the unlabelled images self-training answers."""
+    return [items[i] for i in np.random.default_rng(seed).permutation(len(items))[:limit]]
 
 
 def cross_validate_route(predictor: SamPredictor, samples, lcfg: LocaliserConfig, folds: int, limit: int) -> List[float]:
@@ -802,7 +803,7 @@ def fit_localiser(predictor: SamPredictor, items: Sequence[LabelledImage], cfg: 
     else:
         cv = cross_validate_route(predictor, samples, lcfg, cfg.localiser_folds, cfg.localiser_cv_limit)
         record["cv_automatic_dice"] = round(float(np.mean(cv)), 4) if cv else None
-        scored = checked_labels(samples, lcfg.seed, cfg.localiser_cv_limit)
+        scored = seeded_draw(samples, lcfg.seed, cfg.localiser_cv_limit)
         old = predictor.localiser
         # what the model answers without the new localiser, on the same labels: the served localiser, else the
         # automatic head this run kept (from ~400 labels on it is the better route), else the box search. Both saw
@@ -843,7 +844,7 @@ def fit_head_verifier(predictor: SamPredictor, items: Sequence[LabelledImage], c
 
     t0 = time.time()
     real = [i for i in items if not i.synthetic]
-    real = [real[k] for k in np.random.default_rng(cfg.seed).permutation(len(real))[: cfg.verifier_max_labels]]
+    real = seeded_draw(real, cfg.seed, cfg.verifier_max_labels)
     cache = EmbeddingCache(cache_dir, predictor)
     groups = []  # per image: (inputs, Dice with the label, decoder score) of each candidate
     for it in tqdm(real, desc="head verifier", unit="image", mininterval=5):
@@ -897,8 +898,7 @@ def pseudo_labels(predictor: SamPredictor, unlabelled: Sequence[str], cfg: Train
     written anywhere: the datastore's labels stay the real ones."""
     from ..measurement import answer_mask  # the answer the server returns (measurement imports this package)
 
-    paths = list(unlabelled)
-    paths = [paths[k] for k in np.random.default_rng(cfg.seed).permutation(len(paths))[: cfg.self_training_images]]
+    paths = seeded_draw(list(unlabelled), cfg.seed, cfg.self_training_images)
     cache = EmbeddingCache(cache_dir, predictor)
     samples, unreadable = [], 0
     for path in tqdm(paths, desc="pseudo-labels", unit="image", mininterval=5):
@@ -952,7 +952,7 @@ def fit_self_trained_localiser(predictor: SamPredictor, items: Sequence[Labelled
     attach = True
     unchecked = unchecked_because(len(real), cfg, cfg.localiser_gate, "localiser_gate")
     if unchecked is None:
-        scored = checked_labels(real, lcfg.seed, cfg.localiser_cv_limit)
+        scored = seeded_draw(real, lcfg.seed, cfg.localiser_cv_limit)
         served = float(np.mean([_route_dice(predictor, s, "localiser") for s in scored]))
         with localiser_swapped(predictor, net):  # the served localiser stays unless the guard passes
             mine = float(np.mean([_route_dice(predictor, s, "localiser") for s in scored]))
