@@ -5,6 +5,7 @@ the cell's own decoder. usage:
 
     python pseudo_boxes.py MODEL_DIR pseudo          # automatic answers of MODEL_DIR on its unlabelled pool images
     python pseudo_boxes.py MODEL_DIR fit RULE...      # RULE: all | hp0.5 (head_probability >= 0.5) | topK (by it) | drawK (hp0.5 among K drawn)
+                                                      # | lhp0.965 (a self-trained MODEL_DIR: a second round, its unflagged answers)
     python pseudo_boxes.py MODEL_DIR real             # the same wide localiser on the real labels only
 
 Outputs go to .data/self_training/<cell>/ (pseudo.jsonl, masks/, loc_<rule>.pt)."""
@@ -78,6 +79,8 @@ def chosen(rule, rows):
     hp = lambda r: r.get("head_probability", r.get("candidate_score", 0.0))
     if rule == "all":
         return rows
+    if rule.startswith("lhp"):  # a second round: the wide route's answers by localiser_head_prob (needs_review < 0.965)
+        return [r for r in rows if r.get("localiser_head_prob", 0.0) >= float(rule[3:])]
     if rule.startswith("hp"):
         return [r for r in rows if hp(r) >= float(rule[2:])]
     if rule.startswith("top"):
