@@ -15,7 +15,7 @@ from fetal_head.io.hc18 import read_cases
 from fetal_head.segmentation.embedding_cache import EmbeddingCache
 from fetal_head.segmentation.model_store import ModelSource
 from fetal_head.segmentation import localiser as L
-from fetal_head.segmentation.box_search import grow_box, AUTOMATIC_MARGIN_PX, rebox
+from fetal_head.segmentation.box_search import grow_box, AUTOMATIC_MARGIN_PX, localiser_box, rebox
 from fetal_head.evaluation.core import load_test_images, image_metrics
 from fetal_head.measurement import answer_mask
 import torch.nn.functional as F
@@ -23,12 +23,15 @@ md=sys.argv[1]; min_peak=float(sys.argv[2]); min_dist=int(sys.argv[3])
 cases=read_cases(os.environ.get("HC18_DIR", REPO+"/../shared/data/hc18")); test=load_test_images([c for c in cases if c.split=="test"], seed=0)
 p=ModelSource(model_dir=md).load(); p.encoder_bf16=False; p.refresh_encoder_key()
 cache=EmbeddingCache(REPO+"/.data/emb_cache", p)
-def maps(emb):
+def centre_map(emb):
+    """The localiser's centre heatmap on the model-input frame, upsampled as localiser.localise does (it returns the
+    head map only)."""
     with torch.no_grad(): lg=p.localiser(emb.features.float())[0]
     nh,nw=emb.input_hw; stride=max(1,int(round(max(nh,nw)/lg.shape[-1])))
     up=F.interpolate(lg[None],scale_factor=stride,mode="bilinear",align_corners=False)[0,:,:nh,:nw]
-    return torch.sigmoid(up[0]).numpy(), torch.sigmoid(up[1]).numpy()
+    return torch.sigmoid(up[1]).numpy()
 def answer(emb, box):
+    """box_search.localiser_box's decode and re-box for another box than the localiser's."""
     h,w=emb.original_hw
     lg,iou=p.decode(emb, boxes=np.array([grow_box(box, AUTOMATIC_MARGIN_PX, h, w)]))
     return rebox(p, emb, p.finish(emb, lg, iou))
@@ -36,7 +39,7 @@ res={"served":[], "split":[]}; nsplit=0; changed=[]
 for t in tqdm(test, mininterval=30):
     emb=cache.get(t.image); h,w=t.mask.shape; nh,nw=emb.input_hw; sx,sy=w/nw,h/nh
     loc=L.localise(p.localiser, emb.features, (h,w), emb.input_hw)
-    hp,cp=maps(emb)
+    cp=centre_map(emb)
     region=loc.coarse_mask
     box=loc.box
     # centre peaks inside the component
@@ -63,7 +66,7 @@ for t in tqdm(test, mininterval=30):
             rows,cols=np.nonzero(part)
             sbox=(cols.min()*sx, rows.min()*sy, min((cols.max()+1)*sx-1,w-1.0), min((rows.max()+1)*sy-1,h-1.0))
             nsplit+=1
-    served = answer(emb, box)
+    served = localiser_box(p, emb)  # the shipped route itself
     for k, pred in (("served", served), ("split", served if sbox is box else answer(emb, sbox))):
         d=image_metrics(answer_mask(pred.mask,"ellipse"), t.mask, t.case.pixel_size_mm, t.case.hc_mm)
         res[k].append((d["dice"], d["hc_abs_diff_mm"]))
