@@ -51,21 +51,26 @@ from fetal_head.segmentation.training import (TrainConfig, checkpoint_meta, fine
 TRAIN_STEPS, BATCH, LR, MAX_EPOCHS, MAX_VAL = 100, 4, 1e-4, 40, 20
 
 
+def cell_config(n, seed, items, train_steps=TRAIN_STEPS, **options) -> TrainConfig:
+    """A cell's TrainConfig for ``n`` labels (``items``): the schedule above, ``train_steps`` optimizer steps spread
+    over the images the trainer's own split trains on; ``options``: the other TrainConfig fields."""
+    val_split = 0.2 if n * 0.2 <= MAX_VAL else MAX_VAL / n
+    cfg = TrainConfig(train_batch_size=BATCH, val_split=val_split, learning_rate=LR, seed=seed, **options)
+    train, _ = split_items(items, cfg)
+    epochs = int(np.clip(math.ceil(train_steps / max(1, math.ceil(len(train) / BATCH))), 1, MAX_EPOCHS))
+    return replace(cfg, max_epochs=epochs)
+
+
 def train_cell(pool, n, seed, args, work, tag, base_dir=None, chosen=None):
     """Train one cell on ``chosen`` labels (default: ``n`` of ``pool`` drawn with ``seed``, the benchmark's draw)."""
     chosen = select_labels(pool, n, seed) if chosen is None else chosen
     items = label_items(chosen, os.path.join(work, "labels"))
-    val_split = 0.2 if n * 0.2 <= MAX_VAL else MAX_VAL / n
-    cfg = TrainConfig(train_batch_size=BATCH, val_split=val_split, learning_rate=LR, seed=seed,
-                      automatic_head=args.automatic_head,
+    cfg = cell_config(n, seed, items, args.train_steps, automatic_head=args.automatic_head,
                       localiser=args.localiser, localiser_steps=args.localiser_steps,
                       localiser_folds=args.folds, localiser_gate=not args.no_gate,
                       head_verifier=args.head_verifier, train_encoder=args.train_encoder,
                       min_labels_for_validation=args.min_labels_for_validation,
                       self_training_images=args.self_training_images)
-    train, _ = split_items(items, cfg)  # the trainer's own split: the step budget is spread over what trains
-    epochs = int(np.clip(math.ceil(args.train_steps / max(1, math.ceil(len(train) / BATCH))), 1, MAX_EPOCHS))
-    cfg = replace(cfg, max_epochs=epochs)
     predictor = (ModelSource(model_dir=base_dir).load() if base_dir else SamPredictor.litemedsam(version=LITEMEDSAM))
     t0 = time.time()
     # the rest of the pool is the datastore's unlabelled images (a site's own, in the new-site simulation)
@@ -74,7 +79,7 @@ def train_cell(pool, n, seed, args, work, tag, base_dir=None, chosen=None):
     summary = finetune(predictor, items, cfg, args.cache_dir, unlabelled=unlabelled)
     model_dir = os.path.join(work, "models", tag)
     save_finetuned(predictor.model, LITEMEDSAM, model_dir, checkpoint_meta(summary, LITEMEDSAM))
-    info = {"labels": [c.image_id for c in chosen], "epochs": epochs, "seconds_train": round(time.time() - t0, 1),
+    info = {"labels": [c.image_id for c in chosen], "epochs": cfg.max_epochs, "seconds_train": round(time.time() - t0, 1),
             "localiser": summary.get("localiser"), "head_verifier": summary.get("head_verifier"),
             "best_epochs": summary.get("best_epochs"), "self_training": summary.get("self_training")}
     with open(os.path.join(model_dir, "cell_info.json"), "w") as f:

@@ -1,7 +1,7 @@
 """Does a morphological opening of the localiser's head map cut the head free of the fluid sac it is joined to?
 On the sac failures the head map's component is the sac with the head hanging from it by a neck (082_HC). This
-opens the thresholded map (model-input frame) with a disk of radius R px, takes the component with the strongest
-centre peak (as localiser.localise does), grows it back by R inside the unopened map, and scores its box against
+opens the thresholded map (model-input frame) with a disk of radius R px, lets localiser.localise take the component
+with the strongest centre peak, grows it back by R inside the unopened map, and scores its box against
 the reference box on the 157 test images. usage: python opening.py LOCALISER.pt (a width-64 localiser state dict
 of localiser_image.py, "emb" arm)"""
 import os
@@ -11,7 +11,6 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..",
 sys.path.insert(0, os.path.join(REPO, "apps", "fetal_head", "lib"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from skimage.measure import label  # noqa: E402
 from skimage.morphology import disk  # noqa: E402
@@ -19,45 +18,51 @@ from skimage.morphology import disk  # noqa: E402
 from fetal_head.io import read_image  # noqa: E402
 from fetal_head.io.hc18 import read_cases  # noqa: E402
 from fetal_head.segmentation import SamPredictor  # noqa: E402
+from fetal_head.segmentation import localiser as L  # noqa: E402
 from fetal_head.segmentation.embedding_cache import EmbeddingCache  # noqa: E402
-from fetal_head.segmentation.localiser import GRID_STRIDE, Localiser  # noqa: E402
 from fetal_head.segmentation.prompts import box_iou, mask_box  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 RADII = (0, 4, 8, 12, 16, 20)  # model-input px (4 per embedding cell)
 
 
+def opened_localise(net, emb, r):
+    """localiser.localise with its thresholded head map opened by a disk of radius ``r`` before the components are
+    labelled (the unopened map where the opening leaves nothing); the chosen component grown back by ``r`` inside
+    the unopened map. Returns the box in image pixels, or None."""
+    seen = {}
+
+    def components(mask):
+        seen["map"] = mask
+        comps = label(ndimage.binary_opening(mask, disk(r)), connectivity=2) if r else None
+        return comps if comps is not None and comps.max() else label(mask, connectivity=2)
+
+    served, L._components = L._components, components
+    try:
+        loc = L.localise(net, emb.features, emb.original_hw, emb.input_hw)
+    finally:
+        L._components = served
+    if loc.box is None or not r:
+        return loc.box
+    rows, cols = np.nonzero(ndimage.binary_dilation(loc.coarse_mask, disk(r)) & seen["map"])
+    (h, w), (nh, nw) = emb.original_hw, emb.input_hw
+    sx, sy = w / nw, h / nh
+    return (cols.min() * sx, rows.min() * sy, min((cols.max() + 1) * sx - 1, w - 1.0),
+            min((rows.max() + 1) * sy - 1, h - 1.0))
+
+
 def main():
-    net = Localiser(width=64)
+    net = L.Localiser(width=64)
     net.load_state_dict(torch.load(sys.argv[1], weights_only=True))
     net.eval()
     test = [c for c in read_cases(os.path.join(REPO, "..", "shared", "data", "hc18")) if c.split == "test"]
     cache = EmbeddingCache(os.path.join(REPO, ".data", "emb_cache"), SamPredictor.litemedsam(encoder_bf16=False))
     res = {r: {} for r in RADII}
     for c in test:
-        e = cache.get(read_image(c.image_path))
+        emb = cache.get(read_image(c.image_path))
         m = c.load_mask()
-        h, w = m.shape
-        with torch.no_grad():
-            lg = net(e.features.float())[0]
-        nh, nw = e.input_hw
-        up = F.interpolate(lg[None], scale_factor=GRID_STRIDE, mode="bilinear", align_corners=False)[0, :, :nh, :nw]
-        hp, cp = torch.sigmoid(up[0]).numpy(), torch.sigmoid(up[1]).numpy()
-        base = hp > 0.5
         for r in RADII:
-            comps = label(ndimage.binary_opening(base, disk(r)) if r else base, connectivity=2)
-            if comps.max() == 0:  # opened away: the unopened map
-                comps = label(base, connectivity=2)
-            n = comps.max()
-            peaks = np.zeros(n + 1)
-            np.maximum.at(peaks, comps.ravel(), cp.ravel())
-            areas = np.bincount(comps.ravel(), minlength=n + 1)
-            reg = comps == max(range(1, n + 1), key=lambda k: (round(float(peaks[k]), 2), areas[k]))
-            if r:
-                reg = ndimage.binary_dilation(reg, disk(r)) & base
-            rows, cols = np.nonzero(reg)
-            sx, sy = w / nw, h / nh
-            box = (cols.min() * sx, rows.min() * sy, (cols.max() + 1) * sx - 1, (rows.max() + 1) * sy - 1)
+            box = opened_localise(net, emb, r)
             res[r][c.image_id] = box_iou(box, mask_box(m))
     ref = np.array(list(res[0].values()))
     for r in RADII:

@@ -1,9 +1,9 @@
-"""Automatic (or click) answers with and without their final re-box. The wide localiser's automatic route (box_search.localiser_box decodes the
-localiser's box plus the margin, then box_search.rebox decodes the answer's own box once more). drift.py shows
-each re-box from a good box loses; this asks whether the localiser's box is now good enough to skip it. With ``click`` (one click at the
-centroid): the candidate route's final re-box of its chosen candidate. Scores
-(the served ellipse) on development images (150 pool images that are not the model's labels, a seeded draw) and
-on the 157 test images.
+"""Automatic (or click) answers with and without their final re-box. The wide localiser's automatic route
+(box_search.localiser_box) decodes the localiser's box plus the margin, then box_search.rebox decodes the answer's
+own box once more; drift.py shows each re-box from a good box loses, and this asks whether the localiser's box is
+now good enough to skip it. With ``click`` (one click at the centroid): the candidate route's final re-box of its
+chosen candidate. Scores (the served ellipse) on development images (150 pool images that are not the model's
+labels, a seeded draw) and on the 157 test images.
 
 usage: python no_rebox.py MODEL_DIR [automatic|click]    (a model with a localiser)"""
 import sys
@@ -26,10 +26,9 @@ def main():
     for name, chosen in (("development", dev), ("test", test)):
         dice = {"re-boxed (served)": [], "not re-boxed": []}
         for t in load_test_images(chosen):
-            emb = cache.get(t.image)
+            p.remember(t.image, cache.get(t.image))
             for arm in dice:
                 box_search.rebox = served_rebox if arm.startswith("re-") else (lambda predictor, e, pred, fg=None: pred)
-                p.remember(t.image, emb)
                 pred = p.predict(t.image, t.prompt(mode))
                 dice[arm].append(mask_dice(answer_mask(pred.mask, "ellipse"), t.mask))
         box_search.rebox = served_rebox
