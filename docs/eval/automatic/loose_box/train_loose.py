@@ -4,9 +4,8 @@ prompts.sample_prompt plus loose_box, below), as scripts/eval_automatic.py train
 
     python train_loose.py 20 0 '{"box":0.7,"loose_box":0.2,"box_clicks":0.1}' TAG SOURCE_MODEL_DIR
 
-Env STEPS / MAXEP: optimizer steps (default eval_automatic's) and the epoch cap."""
-import os, sys, json, math, time
-from dataclasses import replace
+Env STEPS: optimizer steps (default eval_automatic's)."""
+import os, sys, json, time
 REPO=os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "..")); sys.path.insert(0, REPO+"/apps/fetal_head/lib"); sys.path.insert(0, REPO+"/scripts")
 import numpy as np, torch
 torch.set_num_threads(2)
@@ -15,8 +14,8 @@ from fetal_head.io.hc18 import read_cases
 from fetal_head.segmentation.model_store import ModelSource, save_finetuned
 from fetal_head.segmentation.models import LITEMEDSAM
 from fetal_head.segmentation.predictor import SamPredictor
-from fetal_head.segmentation.training import TrainConfig, checkpoint_meta, finetune, label_items, split_items
-from eval_automatic import TRAIN_STEPS, BATCH, LR, MAX_EPOCHS, MAX_VAL
+from fetal_head.segmentation.training import checkpoint_meta, finetune, label_items
+from eval_automatic import TRAIN_STEPS, cell_config
 from fetal_head.segmentation import training as T
 from fetal_head.segmentation.prompts import Prompt, jitter_box, mask_box, sample_clicks
 
@@ -57,13 +56,10 @@ work=REPO+"/.data/loose_box"
 cases=read_cases(REPO+"/../shared/data/hc18"); pool=[c for c in cases if c.split=="pool"]
 chosen=select_labels(pool, n, seed)
 items=label_items(chosen, work+"/labels")
-val_split = 0.2 if n * 0.2 <= MAX_VAL else MAX_VAL / n
-cfg=TrainConfig(train_batch_size=BATCH, val_split=val_split, learning_rate=LR, seed=seed, automatic_head=False,
-                localiser=False, head_verifier=False, self_training_images=0, prompt_shares=shares)
-train,_=split_items(items,cfg)
-steps=int(os.environ.get('STEPS',TRAIN_STEPS))
-epochs=int(np.clip(math.ceil(steps / max(1, math.ceil(len(train)/BATCH))),1,int(os.environ.get('MAXEP',MAX_EPOCHS))))
-cfg=replace(cfg, max_epochs=epochs)
+# the cells' schedule (eval_automatic.cell_config), the loose-box prompt mix, and nothing but the box decoder
+cfg=cell_config(n, seed, items, int(os.environ.get('STEPS',TRAIN_STEPS)), automatic_head=False, localiser=False,
+                head_verifier=False, self_training_images=0, prompt_shares=shares)
+epochs=cfg.max_epochs
 p=SamPredictor.litemedsam(version=LITEMEDSAM); t0=time.time()
 summary=finetune(p, items, cfg, REPO+"/.data/emb_cache")
 src_p=ModelSource(model_dir=src).load()

@@ -21,7 +21,7 @@ from study_model import REPO, load_model, test_cases
 from fetal_head.evaluation.core import load_test_images
 from fetal_head.measurement import answer_mask
 from fetal_head.segmentation import box_search
-from fetal_head.segmentation.prompts import grow_box, mask_box, mask_dice
+from fetal_head.segmentation.prompts import mask_dice
 
 
 def decode_flip(p, emb, emb_f, box):
@@ -45,7 +45,6 @@ def main():
     for t in tqdm(test, mininterval=30):
         emb, emb_f = cache.get(t.image), cache.get(t.image, flipped=True)
         p.remember(t.image, emb)
-        h, w = t.mask.shape
 
         def dice(pred):
             return round(mask_dice(answer_mask(pred.mask, "ellipse"), t.mask), 4)
@@ -56,9 +55,8 @@ def main():
             served = p.predict(t.image, t.prompt(mode))
             r[mode] = {"served": dice(served)}
             if served.mask.sum() >= 16:
-                box = grow_box(mask_box(served.mask), box_search.AUTOMATIC_MARGIN_PX, h, w)
                 r[mode]["rebox"] = dice(box_search.rebox(p, emb, served))
-                r[mode]["flip"] = dice(decode_flip(p, emb, emb_f, box))
+                r[mode]["flip"] = dice(decode_flip(p, emb, emb_f, box_search.rebox_box(served.mask)))
             else:
                 r[mode]["rebox"] = r[mode]["flip"] = r[mode]["served"]
         rows[t.case.image_id] = r

@@ -25,7 +25,7 @@ def main():
     info = json.load(open(os.path.join(md, "cell_info.json")))
     cases = {c.image_id: c for c in read_cases(HC18)}
     chosen = [cases[k] for k in info["labels"]]
-    seed = int(os.path.basename(md.rstrip("/")).split("_s")[1].split("_")[0])
+    seed = json.load(open(os.path.join(md, "fetal_head_sam.json")))["options"]["seed"]  # the cell's training seed
     out = os.path.join(REPO, ".data", "self_box")
     items = label_items(chosen, os.path.join(out, "labels"))
     cfg = cell_config(len(chosen), seed, items, automatic_head=False, localiser=False, head_verifier=False,

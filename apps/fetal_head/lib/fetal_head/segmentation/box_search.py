@@ -285,6 +285,12 @@ def search_choice(searched: Sequence[Candidate]) -> Candidate:
     return max(searched[:REFINE_TOP_K], key=lambda c: c.score)
 
 
+def rebox_box(mask: np.ndarray) -> Tuple[float, float, float, float]:
+    """The box a re-box decodes: the mask's own box plus AUTOMATIC_MARGIN_PX, clipped to the image."""
+    h, w = mask.shape
+    return grow_box(mask_box(mask), AUTOMATIC_MARGIN_PX, h, w)
+
+
 def rebox(predictor: "SamPredictor", emb: "ImageEmbedding", pred: "Prediction", fg=None) -> "Prediction":
     """The winner's own box plus AUTOMATIC_MARGIN_PX, decoded once more: the box decoder was fine-tuned on boxes
     0-20 px outside the head, while the candidates were re-prompted with REFINE_MARGIN (8 % of their size, ~40 px on
@@ -292,13 +298,12 @@ def rebox(predictor: "SamPredictor", emb: "ImageEmbedding", pred: "Prediction", 
     a second re-box added nothing (91.33 %). Kept only when it still holds the clicks (``fg``, image pixels)."""
     if pred.mask.sum() < 16:
         return pred
-    h, w = emb.original_hw
-    box = grow_box(mask_box(pred.mask), AUTOMATIC_MARGIN_PX, h, w)
-    logits, iou = predictor.decode(emb, boxes=np.array([box]))
+    logits, iou = predictor.decode(emb, boxes=np.array([rebox_box(pred.mask)]))
     out = predictor.finish(emb, logits, iou)
     if out.mask.sum() < 16:
         return pred
     if fg is not None and len(fg):
+        h, w = emb.original_hw
         xy = np.clip(np.round(fg).astype(int), 0, [w - 1, h - 1])
         if not out.mask[xy[:, 1], xy[:, 0]].all():
             return pred
