@@ -98,6 +98,23 @@ def test_served_model_keeps_embeddings_across_a_decoder_only_retrain(hc18, tmp_p
     assert third is not second and third.embed(img) is not e1 and third.cache_misses == 1
 
 
+def test_automatic_agreement_off_survives_a_retrain(tmp_path):
+    """``--conf automatic_agreement false`` (no box search beside a localiser's automatic answer) holds for the
+    predictor the server reloads after a retrain, not only for the first one."""
+    import time
+
+    from fetal_head.segmentation.model_store import ModelSource, ServedModel, save_finetuned
+
+    served = ServedModel(ModelSource(model_dir=str(tmp_path), automatic_agreement=False))
+    first = served.get()
+    assert first.automatic_agreement is False
+    save_finetuned(first.model, "litemedsam", str(tmp_path), {"trained": ["mask_decoder"]})
+    os.utime(served.source.finetuned_path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    second = served.get()
+    assert second is not first and second.automatic_agreement is False
+    assert ServedModel(ModelSource(model_dir=str(tmp_path))).get().automatic_agreement is True  # the default
+
+
 def test_cpu_decoder_chunks_answer_like_one_batch(predictor, hc18):
     """Many boxes go through the decoder a few at a time on the CPU (faster: the per-prompt copies of the
     embedding stay in cache); the answers must be those of one batch."""
