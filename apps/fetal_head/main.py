@@ -35,6 +35,7 @@ from lib.datastores.dicomweb import datastore_from_settings
 from lib.datastores.local import is_valid_tag
 from lib import server_guard
 from lib.infers.sam_infer import FetalHeadSamInfer, RequestOptionError
+from lib.trainers.options import parse_bool
 from lib.trainers.sam_train import FetalHeadSamTrain
 from lib.trainers.synthesis_train import TRAIN_NAME as SYNTHESIS_TRAIN_NAME, SynthesisTrain
 
@@ -61,16 +62,6 @@ def _gigabytes(value):
     return int(gb * 1e9) if 0 < gb < float("inf") else None
 
 
-def _flag(name, value):
-    """A yes/no ``--conf`` value (true/false, yes/no, on/off, 1/0)."""
-    v = str(value).strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"--conf {name} must be true or false, got {value!r}")
-
-
 class FetalHeadApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         if conf.get("max_image_pixels"):  # checked from each file's header, before decoding
@@ -83,7 +74,7 @@ class FetalHeadApp(MONAILabelApp):
             sam_model_type=conf.get("sam_model_type", "vit_b"),
             device=conf.get("device", "cpu"),
             cache_size=int(conf.get("embedding_cache_size", 16)),
-            automatic_agreement=_flag("automatic_agreement", conf.get("automatic_agreement", "true")),
+            automatic_agreement=parse_bool(conf.get("automatic_agreement", "true"), "automatic_agreement"),
         )
         # one disk cache of image embeddings for inference, training and active learning (~2 MB an image), bounded:
         # the least recently used entries go first (0: unbounded)
