@@ -60,19 +60,23 @@ def bench_in_process(cases):
 
 def bench_modes(cases, model_dir=None):
     """Automatic (no prompt) and one click at the mask centroid, as served (``automatic_agreement`` as the predictor
-    defaults): first request on a new image (encoder + answer) and the same request again (cached embedding)."""
+    defaults): first request on a new image (encoder + answer) and the same request again (cached embedding); and
+    the repeated automatic request with ``--conf automatic_agreement false`` (no box search beside the answer)."""
     from fetal_head.evaluation.core import load_test_images
     from fetal_head.segmentation.model_store import ModelSource
 
     pred = ModelSource(model_dir=model_dir).load() if model_dir else SamPredictor.litemedsam()
     pred.predict(read_image(cases[0].image_path), Prompt())  # warm-up (kernel selection)
-    out = {"automatic, first": [], "automatic, repeated": [], "click, repeated": []}
+    out = {"automatic, first": [], "automatic, repeated": [], "click, repeated": [],
+           "automatic, repeated, automatic_agreement false": []}
     for t in load_test_images(cases[1:]):  # the evaluation's own prompts (click: the reference mask's centroid)
         for key, mode in (("automatic, first", "automatic"), ("automatic, repeated", "automatic"),
-                          ("click, repeated", "click")):
+                          ("click, repeated", "click"), ("automatic, repeated, automatic_agreement false", "automatic")):
+            pred.automatic_agreement = not key.endswith("false")
             t0 = time.perf_counter()
             pred.predict(t.image, t.prompt(mode))
             out[key].append(time.perf_counter() - t0)
+    pred.automatic_agreement = True
     return {k: float(np.median(v)) for k, v in out.items()}
 
 
