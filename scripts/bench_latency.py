@@ -67,16 +67,15 @@ def bench_modes(cases, model_dir=None):
 
     pred = ModelSource(model_dir=model_dir).load() if model_dir else SamPredictor.litemedsam()
     pred.predict(read_image(cases[0].image_path), Prompt())  # warm-up (kernel selection)
-    out = {"automatic, first": [], "automatic, repeated": [], "click, repeated": [],
-           "automatic, repeated, automatic_agreement false": []}
+    runs = (("automatic, first", "automatic", True), ("automatic, repeated", "automatic", True),
+            ("click, repeated", "click", True), ("automatic, repeated, automatic_agreement false", "automatic", False))
+    out = {key: [] for key, _, _ in runs}
     for t in load_test_images(cases[1:]):  # the evaluation's own prompts (click: the reference mask's centroid)
-        for key, mode in (("automatic, first", "automatic"), ("automatic, repeated", "automatic"),
-                          ("click, repeated", "click"), ("automatic, repeated, automatic_agreement false", "automatic")):
-            pred.automatic_agreement = not key.endswith("false")
+        for key, mode, agreement in runs:
+            pred.automatic_agreement = agreement
             t0 = time.perf_counter()
             pred.predict(t.image, t.prompt(mode))
             out[key].append(time.perf_counter() - t0)
-    pred.automatic_agreement = True
     return {k: float(np.median(v)) for k, v in out.items()}
 
 
