@@ -256,3 +256,16 @@ def test_server_paths_are_not_image_ids(server, path):
     assert resp.status_code == 404, resp.text
     assert "not in the datastore" in resp.json()["detail"]
     assert server.alive()
+
+
+@pytest.mark.parametrize("key, value", [("automatic_agreement", "maybe"), ("embedding_cache_max_gb", "lots")])
+def test_bad_conf_value_stops_the_server_with_its_name(tmp_path, hc18, key, value):
+    """A mistyped ``--conf`` value is refused when the server starts, naming the option, instead of serving with a
+    default the operator did not ask for."""
+    from fetal_head.io.hc18 import import_cases
+
+    studies = tmp_path / "studies"
+    import_cases(test_split(hc18, "test", 1, seed=1), str(studies), with_labels=False)
+    with pytest.raises(RuntimeError, match="server exited") as err:
+        Server(studies, make_app_copy(tmp_path), tmp_path / "server.log", conf={key: value})
+    assert key in str(err.value) and repr(value) in str(err.value)
