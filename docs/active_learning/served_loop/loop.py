@@ -66,14 +66,12 @@ def score_pool(model_dir, unlabelled, cache_dir, path):
     for c in tqdm([c for c in unlabelled if c.image_id not in done], desc="score pool", unit="image", mininterval=30):
         image = read_image(c.image_path)
         emb = cache.get(image)
-        predictor.remember(image, emb)
         parts, pred = uncertainty(predictor, emb, image=image)
         row = {"image": c.image_id, **parts, "served_dice": mask_dice(pred.mask, c.load_mask()),
                "source": (pred.confidence or {}).get("source")}
         with open(path, "a") as f:
             f.write(json.dumps(row, default=float) + "\n")
         done[c.image_id] = row
-        predictor.clear_cache()
     return done
 
 
