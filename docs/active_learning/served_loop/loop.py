@@ -19,6 +19,7 @@ resumes.
 """
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.join(HERE, "..", "..", "..")
 sys.path.insert(0, os.path.join(REPO, "apps", "fetal_head", "lib"))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path.insert(0, os.path.join(HERE, "..", "uncertainty_served"))
 
 import eval_automatic as E  # noqa: E402
 from fetal_head.evaluation.benchmark import select_labels  # noqa: E402
@@ -45,6 +47,7 @@ from fetal_head.segmentation.predictor import SamPredictor  # noqa: E402
 from fetal_head.segmentation.prompts import mask_dice  # noqa: E402
 from fetal_head.selection import select_uncertain  # noqa: E402
 from fetal_head.selection.scores import uncertainty  # noqa: E402
+from study import auc  # noqa: E402  (the uncertainty_served study's ROC AUC: MONAI's compute_roc_auc)
 
 
 def cell_tag(strategy, n, seed):
@@ -59,7 +62,8 @@ def read_jsonl(path):
 
 
 def score_pool(model_dir, unlabelled, cache_dir, path):
-    """The uncertainty score of every unlabelled pool case under the model (resumes from ``path``)."""
+    """The uncertainty score of every unlabelled pool case under the model (resumes from ``path``): the calls of the
+    server's ``PoolScorer.score``, which keeps only the score, while this also records the answer's Dice."""
     done = {r["image"]: r for r in read_jsonl(path)}
     predictor = ModelSource(model_dir=model_dir).load()
     cache = EmbeddingCache(cache_dir, predictor)
@@ -104,19 +108,18 @@ def run(args):
         rows = E.eval_cell(model_dir, test, holder, modes, None, os.path.join(args.work, "inc", tag + ".jsonl"))
         rec = {"tag": tag, "n": n, "seed": args.seed, "strategy": args.strategy, "labels": labels,
                "summary": summarize(rows), "info": info}
-        if last:
-            with open(os.path.join(args.work, "cells", tag + ".json"), "w") as f:
-                json.dump(rec, f, default=float)
-            break
-        k = args.rounds[r + 1] - n
-        unlabelled = [c for c in pool if c.image_id not in set(labels)]
-        if args.strategy == "uncertainty":
-            scored = score_pool(model_dir, unlabelled, args.cache_dir, os.path.join(args.work, "scores", tag + ".jsonl"))
-            picks = select_uncertain({i: s["score"] for i, s in scored.items()}, k)
-            rec["picked"] = {i: {"score": scored[i]["score"], "served_dice": scored[i]["served_dice"]} for i in picks}
-        else:
-            picks = sorted(unlabelled[i].image_id for i in rng.choice(len(unlabelled), k, replace=False))
-            rec["picked"] = {i: {} for i in picks}
+        picks = []
+        if not last:
+            k = args.rounds[r + 1] - n
+            unlabelled = [c for c in pool if c.image_id not in set(labels)]
+            if args.strategy == "uncertainty":
+                scored = score_pool(model_dir, unlabelled, args.cache_dir,
+                                    os.path.join(args.work, "scores", tag + ".jsonl"))
+                picks = select_uncertain({i: s["score"] for i, s in scored.items()}, k)
+                rec["picked"] = {i: {"score": scored[i]["score"], "served_dice": scored[i]["served_dice"]} for i in picks}
+            else:
+                picks = sorted(unlabelled[i].image_id for i in rng.choice(len(unlabelled), k, replace=False))
+                rec["picked"] = {i: {} for i in picks}
         with open(os.path.join(args.work, "cells", tag + ".json"), "w") as f:
             json.dump(rec, f, default=float)
         labels = labels + picks
@@ -129,8 +132,6 @@ RANDOM_CELLS = [os.path.join(REPO, "docs", "eval", "automatic", "self_training",
 
 def random_cells():
     """{(n, seed): {mode: (Dice, images < 0.80, HC abs. diff.)}} of the recorded random-label cells."""
-    import csv
-
     out = {}
     for path in RANDOM_CELLS:
         with open(path) as f:
@@ -178,20 +179,15 @@ def report(args):
         scored = read_jsonl(os.path.join(args.work, "scores", c["tag"] + ".jsonl"))
         if not scored:
             continue
-        from scipy.stats import mannwhitneyu
-
         bad = np.array([r["served_dice"] < FAILURE_DICE for r in scored])
         score = np.array([r["score"] for r in scored])
-        auc = mannwhitneyu(score[bad], score[~bad]).statistic / (bad.sum() * (~bad).sum()) if 0 < bad.sum() < len(bad) else float("nan")
         k = len(c.get("picked", {}))
         top = np.argsort(-score, kind="stable")[:k]
         lines.append(f"- {c['n']} labels: {len(scored)} unlabelled pool images scored, {int(bad.sum())} served failures "
-                     f"(Dice < {FAILURE_DICE}); ROC AUC of the score for a failure {auc:.3f}; the {k} picks hold "
+                     f"(Dice < {FAILURE_DICE}); ROC AUC of the score for a failure {auc(score, bad):.3f}; the {k} picks hold "
                      f"{int(bad[top].sum())}; served automatic Dice on the pool {100 * np.mean([r['served_dice'] for r in scored]):.2f} %.")
     print("\n".join(lines))
     if args.csv:
-        import csv
-
         with open(args.csv, "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["cell", "mode", "image", "dice", "hc_abs_diff_mm"])
